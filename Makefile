@@ -1,0 +1,28 @@
+# Each target makes .venv (with everything installed) if it is missing, then runs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: train test parity bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m unet_jax.train
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+parity: $(STAMP)
+	$(PY) -m parity --dtype float64
+	$(PY) -m parity --dtype float32
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,20 @@
+import pathlib
+import re
+
+import pytest
+
+SEED_TUTORIAL = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "seeds" / "000_ea2f922525bcfbec.txt"
+
+
+@pytest.fixture(scope="session")
+def tutorial_namespace():
+    """The tutorial's own model code (cells 2, 5, 8 and 11), executed from its text."""
+    if not SEED_TUTORIAL.exists():
+        pytest.skip(f"the tutorial text is not at {SEED_TUTORIAL}")
+    text = SEED_TUTORIAL.read_text()
+    cells = dict(re.findall(r"In \[(\d+)\]:\n(.*?)(?=\nIn \[\d+\]:|\Z)", text, flags=re.S))
+    namespace: dict = {}
+    exec("import torch\nimport torch.nn as nn\n", namespace)
+    for cell in ("2", "5", "8", "11"):
+        exec(cells[cell], namespace)
+    return namespace

@@ -1,0 +1,74 @@
+"""The Flax mirror's structure, shapes, input checks and options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unet_jax import Decoder, Encoder, Unet, init_variables
+from unet_jax.diffusion import N_T
+
+
+@pytest.fixture(scope="module")
+def variables():
+    return init_variables(jax.random.key(0))
+
+
+def _inputs(batch=4):
+    x = jax.random.normal(jax.random.key(1), (batch, 28, 28, 1))
+    t = jnp.arange(1, batch + 1) / N_T
+    return x, t
+
+
+def test_intermediate_shapes_are_the_tutorials(variables):
+    x, t = _inputs(32)
+    out = Unet().apply(variables, x, t, method=Unet.intermediates)
+    expected = {  # the tutorial's printed shapes, NCHW -> NHWC
+        "x_f": (32, 28, 28, 64), "d1": (32, 14, 14, 64), "d2": (32, 7, 7, 128), "d3": (32, 3, 3, 128),
+        "latent": (32, 1, 1, 128), "temb": (32, 1, 1, 128), "u1": (32, 3, 3, 128), "u2": (32, 7, 7, 128),
+        "u3": (32, 14, 14, 64), "u4": (32, 28, 28, 64), "eps_hat": (32, 28, 28, 1),
+    }
+    assert {k: v.shape for k, v in out.items()} == expected
+
+
+def test_encoder_and_decoder_stand_alone(variables):
+    x, t = _inputs()
+    params = variables["params"]
+    x_f, d1, d2, d3, latent = Encoder().apply({"params": params["encoder"]}, x)
+    u1, u2, u3, u4, eps_hat = Decoder().apply({"params": params["decoder"]}, latent, d3, d2, d1, x_f)
+    full = Unet().apply(variables, x, jnp.zeros(4), method=Unet.intermediates)
+    # With temb = lin2(sin(0)) = lin2's bias (zero at init), the Unet's decoder sees latent alone.
+    np.testing.assert_allclose(eps_hat, full["eps_hat"], rtol=0, atol=1e-6)
+    assert (u1.shape, u4.shape) == ((4, 3, 3, 128), (4, 28, 28, 64))
+
+
+def test_fast_and_reference_layers_agree(variables):
+    x, t = _inputs()
+    fast = Unet(fast=True).apply(variables, x, t)
+    plain = Unet(fast=False).apply(variables, x, t)
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params(variables):
+    x, t = _inputs()
+    out = Unet(dtype=jnp.bfloat16).apply(variables, x, t)
+    assert out.dtype == jnp.bfloat16
+    ref = Unet().apply(variables, x, t)
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.1 * float(jnp.max(jnp.abs(ref))) + 0.05
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 32, 1), (2, 28, 28, 3), (2, 1, 28, 28), (28, 28, 1)])
+def test_wrong_image_shape_is_a_clear_value_error(variables, shape):
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, 28, 28, 1\)"):
+        Unet().apply(variables, jnp.zeros(shape), jnp.zeros(shape[0]))
+
+
+def test_wrong_timestep_count_is_a_clear_value_error(variables):
+    with pytest.raises(ValueError, match=r"expected t of shape \(2,\)"):
+        Unet().apply(variables, jnp.zeros((2, 28, 28, 1)), jnp.zeros(3))
+
+
+def test_bad_shape_raises_under_jit_too(variables):
+    with pytest.raises(ValueError, match="expected x of shape"):
+        jax.jit(Unet().apply)(variables, jnp.zeros((2, 32, 32, 1)), jnp.zeros(2))

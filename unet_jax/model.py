@@ -1,0 +1,197 @@
+"""The Flax Linen mirror of the tutorial UNet (``unet_torch.model``), layer for layer.
+
+Module and attribute names are torch's. A torch ``nn.Sequential`` attribute becomes a
+list assigned in ``setup``, which Flax names ``<attr>_<index>``, so the torch key
+``encoder.down1.model.0.block.1.weight`` lives at Flax path
+``encoder/down1/model_0/block_1/scale``. ``parity/port.py`` spells every pair out.
+
+Tensors are NHWC: ``x`` is ``(B, 28, 28, 1)`` where torch has ``(B, 1, 28, 28)``, and
+concatenations run over the last axis in torch's order ``(x, skip)``.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from unet_jax.layers import ConvTranspose, avg_pool, max_pool
+
+Dtype = Any
+
+IMAGE_SHAPE = (28, 28, 1)
+TIME_EMBEDDING_DIM = 128
+
+
+def conv3x3(features: int, dtype: Dtype | None):
+    """torch.nn.Conv2d(in, features, 3, 1, 1)."""
+    return nn.Conv(features, (3, 3), strides=1, padding=1, dtype=dtype)
+
+
+def group_norm(dtype: Dtype | None):
+    """torch.nn.GroupNorm(8, C): torch's epsilon (Flax defaults to 1e-6) and two-pass variance."""
+    return nn.GroupNorm(num_groups=8, epsilon=1e-5, use_fast_variance=False, dtype=dtype)
+
+
+def sequential(layers, x):
+    """torch.nn.Sequential.forward."""
+    return functools.reduce(lambda y, layer: layer(y), layers, x)
+
+
+def check_image(x):
+    if x.ndim != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
+        raise ValueError(
+            f"expected x of shape (B, 28, 28, 1) (NHWC, one 28x28 channel), got {tuple(x.shape)}"
+        )
+
+
+class ConvBlock(nn.Module):
+    """Conv 3x3 -> GroupNorm(8) -> ReLU; keeps the spatial size."""
+
+    out_channels: int
+    dtype: Dtype | None = None
+
+    def setup(self):
+        self.block = [conv3x3(self.out_channels, self.dtype), group_norm(self.dtype), nn.relu]
+
+    def __call__(self, x):
+        return sequential(self.block, x)
+
+
+class UnetDown(nn.Module):
+    """ConvBlock then MaxPool2d(downscale)."""
+
+    out_channels: int
+    downscale: int = 2
+    fast: bool = True
+    dtype: Dtype | None = None
+
+    def setup(self):
+        self.model = [
+            ConvBlock(self.out_channels, self.dtype),
+            functools.partial(max_pool, window=self.downscale, fast=self.fast),
+        ]
+
+    def __call__(self, x):
+        return sequential(self.model, x)
+
+
+class Encoder(nn.Module):
+    """28x28x1 -> 28x28x64 -> 14x14x64 -> 7x7x128 -> 3x3x128 -> 1x1x128."""
+
+    fast: bool = True
+    dtype: Dtype | None = None
+
+    def setup(self):
+        self.initial_features = [conv3x3(64, self.dtype), group_norm(self.dtype), nn.relu]
+        self.down1 = UnetDown(64, downscale=2, fast=self.fast, dtype=self.dtype)
+        self.down2 = UnetDown(128, downscale=2, fast=self.fast, dtype=self.dtype)
+        self.down3 = UnetDown(128, downscale=2, fast=self.fast, dtype=self.dtype)
+        self.down4 = [functools.partial(avg_pool, window=3, fast=self.fast), nn.relu]
+
+    def __call__(self, x_Bx28x28x1):
+        check_image(x_Bx28x28x1)
+        x_f = sequential(self.initial_features, x_Bx28x28x1)
+        d1 = self.down1(x_f)
+        d2 = self.down2(d1)
+        d3 = self.down3(d2)
+        latent = sequential(self.down4, d3)
+        return x_f, d1, d2, d3, latent
+
+
+class UnetUp(nn.Module):
+    """Concatenate (x, skip) on channels, ConvTranspose(upscale, stride upscale), ConvBlock."""
+
+    out_channels: int
+    upscale: int = 2
+    extra_dim: int = 0
+    fast: bool = True
+    dtype: Dtype | None = None
+
+    def setup(self):
+        self.model = [
+            ConvTranspose(self.out_channels, self.upscale, self.extra_dim, fast=self.fast, dtype=self.dtype),
+            ConvBlock(self.out_channels, self.dtype),
+        ]
+
+    def __call__(self, x, skip):
+        return sequential(self.model, jnp.concatenate((x, skip), axis=-1))
+
+
+class Decoder(nn.Module):
+    """1x1x128 -> 3x3x128 -> 7x7x128 -> 14x14x64 -> 28x28x64 -> 28x28x1, with skips."""
+
+    fast: bool = True
+    dtype: Dtype | None = None
+
+    def setup(self):
+        # The first decoder layer has no skip connection.
+        self.up1 = [ConvTranspose(128, 3, fast=self.fast, dtype=self.dtype), group_norm(self.dtype), nn.relu]
+        self.up2 = UnetUp(128, upscale=2, extra_dim=1, fast=self.fast, dtype=self.dtype)
+        self.up3 = UnetUp(64, upscale=2, fast=self.fast, dtype=self.dtype)
+        self.up4 = UnetUp(64, upscale=2, fast=self.fast, dtype=self.dtype)
+        self.out = conv3x3(1, self.dtype)
+
+    def __call__(self, latent, d3, d2, d1, x_f):
+        u1 = sequential(self.up1, latent)
+        u2 = self.up2(u1, d3)
+        u3 = self.up3(u2, d2)
+        u4 = self.up4(u3, d1)
+        eps_hat = self.out(jnp.concatenate([u4, x_f], axis=-1))
+        return u1, u2, u3, u4, eps_hat
+
+
+class TimeEmbedding(nn.Module):
+    """t / n_T -> sin(Dense(32, no bias)) -> Dense(embedding_dim), shaped (B, 1, 1, C)."""
+
+    embedding_dim: int
+    dtype: Dtype | None = None
+
+    def setup(self):
+        self.lin1 = nn.Dense(32, use_bias=False, dtype=self.dtype)
+        self.lin2 = nn.Dense(self.embedding_dim, dtype=self.dtype)
+
+    def __call__(self, ts):
+        temb = jnp.sin(self.lin1(jnp.reshape(ts, (-1, 1))))
+        return self.lin2(temb).reshape(-1, 1, 1, self.embedding_dim)
+
+
+class Unet(nn.Module):
+    """eps_hat = Unet()(x, t): x is (B, 28, 28, 1) NHWC, t is (B,) holding timestep / n_T.
+
+    ``fast=False`` swaps in the plain Flax/lax pools and transposed convolutions (same
+    parameters, same numbers, slower on CPU). ``dtype`` is the compute dtype (e.g.
+    ``jnp.bfloat16``); parameters keep the dtype they were initialised or ported in.
+    """
+
+    fast: bool = True
+    dtype: Dtype | None = None
+
+    def setup(self):
+        self.encoder = Encoder(fast=self.fast, dtype=self.dtype)
+        self.decoder = Decoder(fast=self.fast, dtype=self.dtype)
+        self.time_embedding_layer = TimeEmbedding(TIME_EMBEDDING_DIM, dtype=self.dtype)
+
+    def __call__(self, x, t):
+        return self.intermediates(x, t)["eps_hat"]
+
+    def intermediates(self, x, t):
+        """Every tensor the tutorial names, keyed by its name, ending with eps_hat."""
+        check_image(x)
+        batch = x.shape[0]
+        if jnp.size(t) != batch:
+            raise ValueError(f"expected t of shape ({batch},) holding timestep / n_T, got {tuple(jnp.shape(t))}")
+        x_f, d1, d2, d3, latent = self.encoder(x)
+        temb = self.time_embedding_layer(t)
+        u1, u2, u3, u4, eps_hat = self.decoder(latent + temb, d3, d2, d1, x_f)
+        return dict(
+            x_f=x_f, d1=d1, d2=d2, d3=d3, latent=latent, temb=temb,
+            u1=u1, u2=u2, u3=u3, u4=u4, eps_hat=eps_hat,
+        )
+
+
+def init_variables(rng, *, batch: int = 1, **model_kwargs):
+    """Fresh ``{'params': ...}`` for ``Unet(**model_kwargs)``."""
+    x = jnp.zeros((batch, *IMAGE_SHAPE), jnp.float32)
+    t = jnp.zeros((batch,), jnp.float32)
+    return Unet(**model_kwargs).init(rng, x, t)
