@@ -41,15 +41,27 @@ def noise_prediction_loss(eps_fn: Callable, schedule: Schedule, x0, t_B, noise):
     return jnp.mean((eps_hat.astype(noise.dtype) - noise) ** 2)
 
 
-def ddpm_sample(eps_fn: Callable, schedule: Schedule, key, x_T):
-    """Ancestral sampling (Algorithm 2 of Ho et al., sigma_t^2 = beta_t) from x_T over t = T..1."""
+def _predict_x0(x_t, eps_hat, ab_t, clip: bool):
+    x0_hat = (x_t - jnp.sqrt(1 - ab_t) * eps_hat) / jnp.sqrt(ab_t)
+    return jnp.clip(x0_hat, -1.0, 1.0) if clip else x0_hat
+
+
+def ddpm_sample(eps_fn: Callable, schedule: Schedule, key, x_T, clip_x0: bool = False):
+    """Ancestral sampling (Ho et al. Algorithm 2, sigma_t^2 = beta_t) from x_T over t = T..1.
+
+    Written through the posterior q(x_{t-1} | x_t, x0_hat), which is Algorithm 2 exactly
+    when ``clip_x0`` is off; on, x0_hat is clipped to the data range [-1, 1] first, as in
+    the reference implementations of both papers.
+    """
     dtype = x_T.dtype
-    beta, alpha, sqrt_1m_ab = (jnp.asarray(a, dtype) for a in (schedule.beta, schedule.alpha, schedule.sqrt_one_minus_alpha_bar))
+    beta, alpha, alpha_bar = (jnp.asarray(a, dtype) for a in (schedule.beta, schedule.alpha, schedule.alpha_bar))
 
     def step(x_t, t):
         t_B = jnp.full((x_t.shape[0],), t)
         eps_hat = eps_fn(x_t, (t_B / schedule.n_T).astype(dtype)).astype(dtype)
-        mean = (x_t - beta[t] / sqrt_1m_ab[t] * eps_hat) / jnp.sqrt(alpha[t])
+        x0_hat = _predict_x0(x_t, eps_hat, alpha_bar[t], clip_x0)
+        ab_t, ab_prev = alpha_bar[t], alpha_bar[t - 1]
+        mean = (jnp.sqrt(ab_prev) * beta[t] * x0_hat + jnp.sqrt(alpha[t]) * (1 - ab_prev) * x_t) / (1 - ab_t)
         z = jax.random.normal(jax.random.fold_in(key, t), x_t.shape, dtype)
         return mean + jnp.where(t > 1, jnp.sqrt(beta[t]), 0.0).astype(dtype) * z, None
 
@@ -57,7 +69,7 @@ def ddpm_sample(eps_fn: Callable, schedule: Schedule, key, x_T):
     return x_0
 
 
-def ddim_sample(eps_fn: Callable, schedule: Schedule, key, x_T, steps: int, eta: float = 0.0):
+def ddim_sample(eps_fn: Callable, schedule: Schedule, key, x_T, steps: int, eta: float = 0.0, clip_x0: bool = False):
     """DDIM (Song et al. 2021, eq. 12) over ``steps`` evenly spaced timesteps; eta=1 is DDPM-like."""
     dtype = x_T.dtype
     taus = ddim_timesteps(schedule.n_T, steps)
@@ -69,7 +81,9 @@ def ddim_sample(eps_fn: Callable, schedule: Schedule, key, x_T, steps: int, eta:
         t, t_p = ts
         ab_t, ab_p = alpha_bar[t], alpha_bar[t_p]
         eps_hat = eps_fn(x_t, jnp.full((x_t.shape[0],), t / schedule.n_T, dtype)).astype(dtype)
-        x0_hat = (x_t - jnp.sqrt(1 - ab_t) * eps_hat) / jnp.sqrt(ab_t)
+        x0_hat = _predict_x0(x_t, eps_hat, ab_t, clip_x0)
+        if clip_x0:  # keep eps consistent with the clipped x0 (as the DDIM reference code does)
+            eps_hat = (x_t - jnp.sqrt(ab_t) * x0_hat) / jnp.sqrt(1 - ab_t)
         sigma = eta * jnp.sqrt((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p))
         z = jax.random.normal(jax.random.fold_in(key, t), x_t.shape, dtype)
         direction = jnp.sqrt(jnp.maximum(1 - ab_p - sigma**2, 0.0)) * eps_hat

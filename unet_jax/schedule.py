@@ -41,4 +41,4 @@ def ddim_timesteps(n_T: int, steps: int) -> np.ndarray:
     """``steps`` timesteps spread evenly over 1..n_T, ascending, always including n_T."""
     if not 1 <= steps <= n_T:
         raise ValueError(f"expected 1 <= sample steps <= {n_T}, got {steps}")
-    return np.unique(np.round(np.linspace(1, n_T, steps)).astype(np.int64))
+    return np.unique(np.round(np.linspace(n_T, 1, steps)).astype(np.int64))

@@ -1,0 +1,151 @@
+"""python -m benchmarks: jit-compiled JAX against eager torch and torch.compile, side by side.
+
+One run times, on this machine: the train step (forward, backward, Adam, EMA; same loss,
+same real digits) at several batch sizes, and DDIM-100 / DDPM-1000 sampling; with
+warm-up and compilation excluded (compile time reported apart), clocks read after a sync,
+medians of repeats with min-max spread, torch given the same threads, TF32 off on both
+sides on GPU. Writes benchmarks/results/<machine>.json and .md and prints the table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+
+from unet_jax import devices
+
+devices.use_all_cpu_cores()  # before JAX creates its backends
+
+import jax  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks import jax_bench, torch_bench  # noqa: E402
+from unet_jax import data  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        match = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
+        cpu = match.group(1).strip() if match else cpu
+    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "backend": jax.default_backend(),
+            "jax_devices": len(jax.devices()), "jax": jax.__version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_name(info: dict) -> str:
+    label = info.get("gpu") or f"cpu-{info['cores']}core-{info['cpu']}"
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def run(args) -> dict:
+    gpu = torch.cuda.is_available() and jax.default_backend() == "gpu"
+    device = "cuda" if gpu else "cpu"
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    if gpu:  # like with like: full float32 on both sides
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        jax.config.update("jax_default_matmul_precision", "highest")
+    images = data.load_bundled("train").images
+    dtypes = ["float32", "bfloat16"] if gpu else ["float32"]
+    compile_modes = ["max-autotune", "reduce-overhead"] if gpu else ["default"]
+    rows = []
+
+    peak = jax_bench.matmul_peak_gflops()
+    print(f"float32 matmul peak: {peak:.0f} GFLOP/s", flush=True)
+
+    for dtype in dtypes:
+        for batch in args.batches:
+            steps = max(1, args.images_per_repeat // batch)
+            common = dict(steps_per_repeat=steps, repeats=args.repeats)
+            cases = [("jax-jit", lambda: jax_bench.train_step_case(images, batch, dtype, all_devices=True, **common))]
+            if not gpu and len(jax.devices()) > 1:
+                cases.append(("jax-jit 1 device", lambda: jax_bench.train_step_case(images, batch, dtype, all_devices=False, **common)))
+            cases.append(("torch eager", lambda: torch_bench.train_step_case(images, batch, dtype, compiled=None, device=device, **common)))
+            for mode in compile_modes:
+                if not args.skip_compile:
+                    cases.append((f"torch.compile {mode}", lambda mode=mode: torch_bench.train_step_case(
+                        images, batch, dtype, compiled=mode, device=device, **common)))
+            rows += _measure("train step", batch, dtype, cases, peak)
+
+    for sampler, steps, num in (("ddim", 100, args.ddim_images), ("ddpm", 1000, args.ddpm_images)):
+        if num == 0:
+            continue
+        reps = dict(repeats=args.sample_repeats)
+        cases = [("jax-jit", lambda: jax_bench.sample_case(num, sampler, steps, **reps)),
+                 ("torch eager", lambda: torch_bench.sample_case(num, sampler, steps, compiled=None, device=device, **reps))]
+        if not args.skip_compile:
+            cases += [(f"torch.compile {m}", lambda m=m: torch_bench.sample_case(num, sampler, steps, compiled=m, device=device, **reps))
+                      for m in compile_modes]
+        rows += _measure(f"{sampler.upper()}-{steps} sampling", num, "float32", cases, peak)
+    return {"machine": machine(), "matmul_peak_gflops": peak, "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+            "rows": rows}
+
+
+def _measure(case: str, batch: int, dtype: str, cases, peak: float) -> list[dict]:
+    rows = []
+    for impl, fn in cases:
+        result = fn()
+        row = {"case": case, "impl": impl, "batch": batch, "dtype": dtype, **result,
+               "images_per_s": batch / (result["ms"] / 1e3)}
+        if result.get("flops"):
+            row["gflops"] = result["flops"] / (result["ms"] / 1e3) / 1e9
+            row["frac_of_peak"] = row["gflops"] / peak
+        rows.append(row)
+        print(f"{case:>22} b={batch:<4} {dtype:9} {impl:28} {result['ms']:9.1f} ms  "
+              f"(compile {result.get('compile_s', 0):.1f} s)", flush=True)
+    eager = next((r["ms"] for r in rows if r["impl"] == "torch eager"), None)
+    for row in rows:
+        row["speedup_vs_eager"] = eager / row["ms"] if eager else None
+    return rows
+
+
+def table(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores, JAX {m['jax']} ({m['backend']}, "
+             f"{m['jax_devices']} device(s)), torch {m['torch']}, Python {m['python']}. "
+             f"float32 matmul peak measured in the same run: {result['matmul_peak_gflops']:.0f} GFLOP/s. "
+             f"Command: `{result['command'].strip()}`.", "",
+             "| case | batch | dtype | implementation | ms (median) | spread (min-max) | images/s | × eager torch | GFLOP/s (% of peak) | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        flops = f"{r['gflops']:.0f} ({100 * r['frac_of_peak']:.0f}%)" if r.get("gflops") else ""
+        speed = f"{r['speedup_vs_eager']:.2f}×" if r.get("speedup_vs_eager") else ""
+        lines.append(f"| {r['case']} | {r['batch']} | {r['dtype']} | {r['impl']} | {r['ms']:.1f} | "
+                     f"{r['ms_min']:.1f}-{r['ms_max']:.1f} | {r['images_per_s']:.0f} | {speed} | {flops} | {r.get('compile_s', 0):.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--images-per-repeat", type=int, default=256, help="train steps per timed repeat = this // batch")
+    parser.add_argument("--ddim-images", type=int, default=64)
+    parser.add_argument("--ddpm-images", type=int, default=None, help="0 skips DDPM-1000 (default: 256 on GPU, 16 on CPU)")
+    parser.add_argument("--sample-repeats", type=int, default=3)
+    parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile")
+    parser.add_argument("--out", default=RESULTS, help="folder for <machine>.json and .md")
+    args = parser.parse_args(argv)
+    if args.ddpm_images is None:
+        args.ddpm_images = 256 if torch.cuda.is_available() else 16
+    result = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    name = machine_name(result["machine"])
+    with open(os.path.join(args.out, name + ".json"), "w") as f:
+        json.dump(result, f, indent=2)
+    text = table(result)
+    with open(os.path.join(args.out, name + ".md"), "w") as f:
+        f.write(text + "\n")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The JAX side of the benchmark: the trainer's own jitted step and sampler."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.timing import time_repeats, timed
+from unet_jax import devices
+from unet_jax.model import Unet, init_variables
+from unet_jax.sample import generate
+from unet_jax.schedule import linear_schedule
+from unet_jax.train import Config, create_state, make_optimizer, train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """float32 matmul GFLOP/s on the default backend: the roofline the train step is held to.
+
+    Measured both on one device (XLA's intra-op threads) and as one matmul per device, in
+    parallel; the larger is the machine's peak.
+    """
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    single = jax.jit(lambda x: x @ x)
+    best = _gflops(lambda: single(a), 2 * n**3, repeats)
+    count = len(jax.devices())
+    if count > 1:
+        mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+        stacked = jax.device_put(jnp.stack([a] * count), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+        batched = jax.jit(lambda x: jnp.einsum("bij,bjk->bik", x, x))
+        best = max(best, _gflops(lambda: batched(stacked), 2 * n**3 * count, repeats))
+    return best
+
+
+def _gflops(fn, flops, repeats):
+    out = [None]
+    timing = time_repeats(lambda: out.__setitem__(0, fn()), lambda: jax.block_until_ready(out[0]), warmup=2,
+                          repeats=repeats)
+    return flops / timing["median_s"] / 1e9
+
+
+def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_devices: bool, steps_per_repeat: int,
+                    repeats: int) -> dict:
+    """The trainer's jitted, state-donating step: ms/step, compile time and XLA's FLOP count."""
+    config = Config(batch_size=batch, warmup_steps=0)
+    tx = make_optimizer(config)
+    mesh = devices.data_mesh(batch) if all_devices else jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    state = jax.device_put(create_state(init_variables(jax.random.key(0))["params"], tx), devices.replicated(mesh))
+    images = jax.device_put(images_u8, devices.replicated(mesh))
+    keys = tuple(jax.random.split(jax.random.key(1)))
+    step = jax.jit(functools.partial(train_step, model=Unet(dtype=DTYPES[dtype]), tx=tx, schedule=linear_schedule(),
+                                     batch_size=batch, ema_decay=0.999, sharding=devices.batch_sharding(mesh)),
+                   donate_argnums=0)
+    lowered = step.lower(state, images, keys)
+    compiled, compile_s = timed(lowered.compile)
+    flops = _flops(lowered)  # of the whole, unpartitioned step (a compiled SPMD program counts one device)
+    holder = {"state": state, "loss": None}
+
+    def run():
+        for _ in range(steps_per_repeat):
+            holder["state"], holder["loss"] = compiled(holder["state"], images, keys)
+
+    timing = time_repeats(run, lambda: jax.block_until_ready(holder["loss"]), warmup=1, repeats=repeats)
+    return {**_per(timing, steps_per_repeat), "compile_s": compile_s, "flops": flops, "devices": mesh.devices.size}
+
+
+def sample_case(num: int, sampler: str, steps: int, *, repeats: int) -> dict:
+    """One compiled sampler program: seconds per batch of ``num`` images."""
+    params = init_variables(jax.random.key(0))["params"]
+    mesh = devices.data_mesh(num)
+    params = jax.device_put(params, devices.replicated(mesh))
+    kwargs = dict(model=Unet(), num=num, sampler=sampler, steps=steps, sharding=devices.batch_sharding(mesh))
+    _, compile_s = timed(lambda: generate.lower(params, jax.random.key(0), **kwargs).compile())
+    out = [None]
+    timing = time_repeats(lambda: out.__setitem__(0, generate(params, jax.random.key(0), **kwargs)),
+                          lambda: jax.block_until_ready(out[0]), warmup=1, repeats=repeats)
+    return {**_per(timing, 1), "compile_s": compile_s, "devices": mesh.devices.size}
+
+
+def _per(timing: dict, calls: int) -> dict:
+    return {"ms": 1e3 * timing["median_s"] / calls, "ms_min": 1e3 * timing["min_s"] / calls,
+            "ms_max": 1e3 * timing["max_s"] / calls, "repeats": timing["repeats"]}
+
+
+def _flops(stage) -> float | None:
+    analysis = stage.cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else {}
+    return float(analysis["flops"]) if analysis and "flops" in analysis else None

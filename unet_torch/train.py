@@ -1,0 +1,185 @@
+"""The eager PyTorch reference trainer: ``python -m unet_torch.train``.
+
+The tutorial's way of training, with the JAX trainer's flags, schedule, data and scaling:
+a ``DataLoader`` over the same digits with ``ToTensor`` + ``Normalize((0.5,), (0.5,))``,
+Adam, a warm-up EMA, one Python step at a time. It is the baseline the benchmarks measure
+the JAX trainer against. Writes ``WORKDIR/metrics.jsonl``, ``WORKDIR/checkpoint.pt``
+(model, EMA, optimiser, step and random state: running again resumes, though the
+DataLoader restarts its epoch) and ``WORKDIR/model.pt``, the EMA state_dict.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Compose, Normalize, ToTensor
+from tqdm import tqdm
+
+from unet_jax import data
+from unet_jax.schedule import Schedule, linear_schedule
+from unet_torch.diffusion import ddim_sample, ddpm_sample, noise_prediction_loss
+from unet_torch.model import Unet
+
+TRANSFORM = Compose([ToTensor(), Normalize((0.5,), (0.5,))])
+
+
+class Digits(Dataset):
+    """(N, 28, 28, 1) uint8 images through the tutorial's transform."""
+
+    def __init__(self, images_u8: np.ndarray):
+        self.images = images_u8
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return TRANSFORM(self.images[i]), 0
+
+
+def learning_rate_factor(step: int, warmup_steps: int, decay_steps: int) -> float:
+    """optax's linear warm-up from 0 (then cosine decay to 0, if asked), at update ``step``."""
+    if warmup_steps and step < warmup_steps:
+        return step / warmup_steps
+    if decay_steps:
+        progress = min(step - warmup_steps, decay_steps) / decay_steps
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def ema_decay_at(step: int, max_decay: float) -> float:
+    return min(max_decay, (1.0 + step) / (10.0 + step))
+
+
+def make_optimizer(model, lr: float, warmup_steps: int, decay_steps: int):
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, warmup_steps, decay_steps))
+    return optimizer, scheduler
+
+
+def train_step(model, ema, optimizer, scheduler, schedule: Schedule, x0, t_B, noise, step: int, ema_decay: float):
+    """One Adam step on the noise-prediction loss, then the EMA; returns the loss tensor."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = noise_prediction_loss(model, schedule, x0, t_B, noise)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    decay = ema_decay_at(step, ema_decay)
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.mul_(decay).add_(p, alpha=1 - decay)
+    return loss
+
+
+def _loader(config, generator):
+    if config.data == data.BUNDLED:
+        dataset = Digits(data.load_bundled("train").images)
+    else:
+        from torchvision.datasets import MNIST
+
+        data.load_torchvision_root(config.data, "train")  # the same clear errors as the JAX side
+        dataset = MNIST(config.data, train=True, download=False, transform=TRANSFORM)
+    if len(dataset) < config.batch_size:
+        raise SystemExit(f"error: --batch-size {config.batch_size} exceeds the {len(dataset)} training images")
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=generator)
+
+
+def train(config) -> dict:
+    """Train ``config`` (a ``unet_jax.train.Config``) eagerly; returns the EMA state_dict."""
+    os.makedirs(os.path.join(config.workdir, "samples"), exist_ok=True)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    schedule = linear_schedule(config.n_T)
+    model = Unet()
+    if config.init_from:
+        from parity import load_state_dict
+
+        model.load_state_dict(load_state_dict(config.init_from), strict=True)
+    ema = Unet()
+    ema.load_state_dict(model.state_dict())
+    optimizer, scheduler = make_optimizer(model, config.lr, config.warmup_steps, config.decay_steps)
+    start = 0
+    checkpoint_path = os.path.join(config.workdir, "checkpoint.pt")
+    if os.path.exists(checkpoint_path):
+        saved = torch.load(checkpoint_path, weights_only=True)
+        for obj, key in ((model, "model"), (ema, "ema"), (optimizer, "optimizer"), (scheduler, "scheduler")):
+            obj.load_state_dict(saved[key])
+        generator.set_state(saved["generator"])
+        start = saved["step"]
+        print(f"resumed {config.workdir} from step {start}")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+
+    loader = _loader(config, generator)
+    metrics = open(os.path.join(config.workdir, "metrics.jsonl"), "a")
+    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
+    step, window, t0 = start, [], time.perf_counter()
+
+    def save():
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "generator": generator.get_state()},
+                   checkpoint_path + ".tmp")
+        os.replace(checkpoint_path + ".tmp", checkpoint_path)
+        torch.save(ema.state_dict(), os.path.join(config.workdir, "model.pt"))
+
+    while step < config.steps:
+        for x0, _ in loader:
+            t_B = torch.randint(1, config.n_T + 1, (x0.shape[0],), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            with autocast:
+                loss = train_step(model, ema, optimizer, scheduler, schedule, x0, t_B, noise, step, config.ema_decay)
+            value = loss.item()  # eager torch syncs every step anyway
+            if not math.isfinite(value):
+                raise SystemExit(f"error: non-finite loss ({value}) at step {step}")
+            window.append(value)
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                elapsed = time.perf_counter() - t0
+                row = {"step": step, "loss": float(np.mean(window)), "images_per_s": len(window) * config.batch_size / elapsed}
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+                window, t0 = [], time.perf_counter()
+            if (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
+                save()
+            if step == config.steps:
+                break
+    bar.close()
+    metrics.close()
+    _sample(config, ema, schedule, generator)  # the end always samples, as on the JAX side
+    return ema.state_dict()
+
+
+def _sample(config, ema, schedule, generator):
+    from unet_jax.sample import save_grid
+
+    x_T = torch.randn((config.num_samples, 1, 28, 28), generator=generator)
+    if config.sampler == "ddpm":
+        x0 = ddpm_sample(ema, schedule, x_T, generator=generator, clip_x0=True)
+    else:
+        x0 = ddim_sample(ema, schedule, x_T, config.sample_steps, config.eta, generator=generator, clip_x0=True)
+    save_grid(x0.clamp(-1, 1).permute(0, 2, 3, 1).numpy(), os.path.join(config.workdir, "samples", f"step_{config.steps}.png"))
+
+
+def main(argv=None) -> None:
+    from unet_jax.train import build_parser, parse_config
+
+    parser = build_parser()
+    parser.prog = "python -m unet_torch.train"
+    parser.description = __doc__.splitlines()[0]
+    parser.set_defaults(workdir="runs/torch")
+    config = parse_config(parser, argv)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        train(config)
+    except data.MnistError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
