@@ -218,19 +218,20 @@ def train(config: Config) -> TrainState:
     print(f"training on {mesh.devices.size} {jax.default_backend()} device(s), batch {config.batch_size} split over them")
     state = jax.device_put(state, devices.replicated(mesh))
     images_u8 = jax.device_put(images.images, devices.replicated(mesh))
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+    step_fn = jax.jit(functools.partial(train_and_accumulate, model=model, tx=tx, schedule=schedule,
                                         batch_size=config.batch_size, ema_decay=config.ema_decay,
                                         sharding=devices.batch_sharding(mesh)),
-                      donate_argnums=0)
+                      donate_argnums=(0, 1))
     keys = (data_key, noise_key)
+    replicate = functools.partial(jax.device_put, device=devices.replicated(mesh))
+    acc = replicate(_new_accumulator())
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, images_u8, keys).compile()
+    compiled = step_fn.lower(state, acc, images_u8, keys).compile()
     print(f"compiled the train step in {time.perf_counter() - t0:.1f} s", flush=True)
 
     metrics_file = open(metrics_path, "a")
     bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
     last_good = latest
-    acc = _new_accumulator()
     to_log = None  # a finished log window, fetched after the next step is dispatched (one step late)
     window_start = time.perf_counter()
 
@@ -253,8 +254,7 @@ def train(config: Config) -> TrainState:
 
     try:
         for step in range(start, config.steps):
-            state, metrics = compiled(state, images_u8, keys)
-            acc = accumulate(acc, metrics)
+            state, acc = compiled(state, acc, images_u8, keys)
             if to_log is not None:
                 write_log(*to_log)
                 to_log = None
@@ -263,7 +263,7 @@ def train(config: Config) -> TrainState:
             if done % config.log_every == 0 or done == config.steps:
                 now = time.perf_counter()
                 to_log, window_start = (done, acc, now - window_start), now
-                acc = _new_accumulator(acc)
+                acc = replicate(_new_accumulator(acc))  # fresh buffers: the snapshot is read later
             if (config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps:
                 if to_log is not None:
                     write_log(*to_log)
@@ -284,11 +284,20 @@ def train(config: Config) -> TrainState:
 def _new_accumulator(previous=None) -> dict:
     """Device-side log window: loss sum and count, and the first non-finite step (kept across windows)."""
     return {"loss_sum": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.int32),
-            "first_bad_step": previous["first_bad_step"] if previous else jnp.full((), -1, jnp.int32),
-            "bad_loss": previous["bad_loss"] if previous else jnp.zeros((), jnp.float32)}
+            "first_bad_step": jnp.copy(previous["first_bad_step"]) if previous else jnp.full((), -1, jnp.int32),
+            "bad_loss": jnp.copy(previous["bad_loss"]) if previous else jnp.zeros((), jnp.float32)}
 
 
-@jax.jit
+def train_and_accumulate(state: TrainState, acc: dict, images_u8, keys, **step_kwargs):
+    """``train_step``, folding its metrics into the log window in the same program.
+
+    One program per step: interleaving a second small multi-device program between the
+    steps' all-reduces stalled XLA:CPU's collectives here (a 40 s rendezvous timeout).
+    """
+    state, metrics = train_step(state, images_u8, keys, **step_kwargs)
+    return state, accumulate(acc, metrics)
+
+
 def accumulate(acc: dict, metrics: dict) -> dict:
     """Fold one step's metrics into the window, on the device: no host sync per step."""
     newly_bad = (acc["first_bad_step"] < 0) & ~metrics["finite"]
