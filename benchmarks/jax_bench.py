@@ -58,9 +58,13 @@ def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_device
     flops = _flops(lowered)  # of the whole, unpartitioned step (a compiled SPMD program counts one device)
     holder = {"state": state, "loss": None}
 
+    wait = devices.needs_one_step_in_flight(mesh)  # as the trainer does, see unet_jax/train.py
+
     def run():
         for _ in range(steps_per_repeat):
             holder["state"], holder["loss"] = compiled(holder["state"], images, keys)
+            if wait:
+                jax.block_until_ready(holder["loss"])
 
     timing = time_repeats(run, lambda: jax.block_until_ready(holder["loss"]), warmup=1, repeats=repeats)
     return {**_per(timing, steps_per_repeat), "compile_s": compile_s, "flops": flops, "devices": mesh.devices.size}

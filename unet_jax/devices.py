@@ -29,6 +29,11 @@ def data_mesh(batch_size: int) -> Mesh:
     return Mesh(devices[:count], ("data",))
 
 
+def needs_one_step_in_flight(mesh: Mesh) -> bool:
+    """Whether a training loop must wait for each step: collectives over several CPU devices."""
+    return mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Split axis 0 over the mesh."""
     return NamedSharding(mesh, PartitionSpec("data"))
