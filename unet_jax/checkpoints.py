@@ -49,9 +49,13 @@ def has_checkpoints(workdir: str) -> bool:
     return os.path.isdir(directory) and ocp.CheckpointManager(directory).latest_step() is not None
 
 
-def check_compatible(workdir: str, identity: dict) -> None:
-    """Raise if ``workdir`` has checkpoints whose identity differs from ``identity``."""
-    if not has_checkpoints(workdir):
+def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -> None:
+    """Raise if ``workdir`` has checkpoints (in ``mgr``, its manager) whose identity differs from ``identity``.
+
+    Takes the run's manager rather than opening one: in a multi-process run every process
+    must open managers in the same order, since opening one is a barrier.
+    """
+    if mgr.latest_step() is None:
         return
     saved = read_config(workdir) or {}
     differences = [f"  {key}: the workdir has {saved.get(key)!r}, this run asks for {value!r}"

@@ -70,6 +70,11 @@ class TrainState:
     opt_state: optax.OptState
 
 
+def run_keys(seed: int):
+    """The run's four keys, all from ``seed``: (init, data order, noise, samples)."""
+    return tuple(jax.random.split(jax.random.key(seed), 4))
+
+
 def learning_rate(config: Config):
     """Linear warm-up from 0 over warmup_steps, then constant, or cosine decay to 0 over decay_steps.
 
@@ -144,7 +149,7 @@ def train_step(state: TrainState, images_u8, keys, *, model, tx, schedule, batch
 def _prepare_workdir(workdir: str) -> None:
     try:
         os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        probe = os.path.join(workdir, ".write-test")
+        probe = os.path.join(workdir, f".write-test-{os.getpid()}")  # one per process: several may share it
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -182,41 +187,58 @@ def _write_loss_curve(workdir: str) -> None:
     plt.close(fig)
 
 
+class PeerLostError(RuntimeError):
+    """Another process of a multi-process run stopped; this one cannot go on alone."""
+
+
 def train(config: Config) -> TrainState:
-    """Run (or resume) ``config`` to ``config.steps``; returns the final state."""
+    """Run (or resume) ``config`` to ``config.steps``; returns the final state.
+
+    Every process of a multi-process run calls this with the same config; process 0 alone
+    logs and writes samples, and all of them write their share of each checkpoint.
+    """
+    primary = devices.is_primary()
     _prepare_workdir(config.workdir)
     images = data.load(config.data, "train")
     if len(images.images) < config.batch_size:
         raise SystemExit(f"error: --batch-size {config.batch_size} exceeds the {len(images.images)} training images")
+    mesh = devices.training_mesh(config.batch_size)
     identity = {k: getattr(config, k) for k in IDENTITY} | {"data_fingerprint": data.fingerprint(images)}
-    checkpoints.check_compatible(config.workdir, identity)
-    checkpoints.write_config(config.workdir, identity)
+    mgr = checkpoints.manager(config.workdir)
+    try:
+        checkpoints.check_compatible(config.workdir, identity, mgr)
+    except checkpoints.IncompatibleWorkdirError:
+        mgr.close()
+        raise
+    if primary:
+        checkpoints.write_config(config.workdir, identity)
 
-    root = jax.random.key(config.seed)
-    init_key, data_key, noise_key, sample_key = jax.random.split(root, 4)
+    init_key, data_key, noise_key, sample_key = run_keys(config.seed)
     model = Unet(dtype=DTYPES[config.dtype])
     schedule = linear_schedule(config.n_T)
     tx = make_optimizer(config)
-    mgr = checkpoints.manager(config.workdir)
-
     latest = mgr.latest_step()
     # On resume the checkpoint holds everything; the initial weights only give the tree's shape.
     params = _initial_params(config, init_key) if latest is None else init_variables(init_key)["params"]
-    state = create_state(params, tx)
+    # Parameters and optimizer state are replicated over the mesh; a checkpoint restores into
+    # that layout whatever device count wrote it.
+    state = jax.device_put(create_state(params, tx), devices.replicated(mesh))
     if latest is not None:
         state = mgr.restore(latest, args=ocp.args.StandardRestore(state))
         print(f"resumed {config.workdir} from step {latest}")
     metrics_path = os.path.join(config.workdir, "metrics.jsonl")
-    _trim_metrics(metrics_path, latest or 0)  # rows past the checkpoint belong to steps about to be redone
-    start = int(state.step)
+    if primary:
+        _trim_metrics(metrics_path, latest or 0)  # rows past the checkpoint belong to steps about to be redone
+    start = int(devices.fetch(state.step))
     if start >= config.steps:
         print(f"{config.workdir} is already at step {start} (--steps {config.steps}); nothing to do")
         mgr.close()
         return state
 
-    mesh = devices.data_mesh(config.batch_size)
-    print(f"training on {mesh.devices.size} {jax.default_backend()} device(s), batch {config.batch_size} split over them")
-    state = jax.device_put(state, devices.replicated(mesh))
+    if primary:
+        print(f"training on {mesh.devices.size} {jax.default_backend()} device(s) in {jax.process_count()} "
+              f"process(es), batch {config.batch_size} split over them")
+    # Every process holds the uint8 training set; each device gathers only its rows of a batch.
     images_u8 = jax.device_put(images.images, devices.replicated(mesh))
     step_fn = jax.jit(functools.partial(train_and_accumulate, model=model, tx=tx, schedule=schedule,
                                         batch_size=config.batch_size, ema_decay=config.ema_decay,
@@ -232,10 +254,12 @@ def train(config: Config) -> TrainState:
     one_step_in_flight = devices.needs_one_step_in_flight(mesh)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, acc, images_u8, keys).compile()
-    print(f"compiled the train step in {time.perf_counter() - t0:.1f} s", flush=True)
+    if primary:
+        print(f"compiled the train step in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    metrics_file = open(metrics_path, "a")
-    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
+    metrics_file = open(metrics_path, "a") if primary else None
+    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout,
+               disable=not primary)
     last_good = latest
     to_log = None  # a finished log window, fetched after the next step is dispatched (one step late)
     window_start = time.perf_counter()
@@ -249,8 +273,10 @@ def train(config: Config) -> TrainState:
                                      f"stopping. In {config.workdir}, {kept}.")
 
     def write_log(done, window_acc, seconds):
-        host = jax.device_get(window_acc)
+        host = devices.fetch(window_acc)
         check_finite(host)
+        if not primary:
+            return
         row = {"step": done, "loss": float(host["loss_sum"] / host["count"]),
                "images_per_s": float(host["count"]) * config.batch_size / seconds, "time": time.time()}
         metrics_file.write(json.dumps(row) + "\n")
@@ -259,9 +285,18 @@ def train(config: Config) -> TrainState:
 
     try:
         for step in range(start, config.steps):
-            state, acc = compiled(state, acc, images_u8, keys)
-            if one_step_in_flight:
-                jax.block_until_ready(acc)
+            try:
+                state, acc = compiled(state, acc, images_u8, keys)
+                if one_step_in_flight:
+                    jax.block_until_ready(acc)
+            except (jax.errors.JaxRuntimeError, ValueError) as error:
+                if jax.process_count() == 1:
+                    raise
+                first_line = str(error).strip().splitlines()[0]
+                raise PeerLostError(
+                    f"process {jax.process_index()} of {jax.process_count()} lost the others at step {step} "
+                    f"({first_line}). The last complete checkpoint in {config.workdir} is step {last_good}; "
+                    "run the same command on every process again to resume from it.") from None
             if to_log is not None:
                 write_log(*to_log)
                 to_log = None
@@ -275,14 +310,15 @@ def train(config: Config) -> TrainState:
                 if to_log is not None:
                     write_log(*to_log)
                     to_log = None
-                check_finite(jax.device_get(acc))  # never save parameters that a non-finite step produced
+                check_finite(devices.fetch(acc))  # never save parameters that a non-finite step produced
                 mgr.save(done, args=ocp.args.StandardSave(state))
                 last_good = done
             if (config.sample_every and done % config.sample_every == 0) or done == config.steps:
-                _sample_and_plot(config, model, state, sample_key, done)
+                _sample_and_plot(config, model, state, mesh, sample_key, done)
     finally:
         bar.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         mgr.wait_until_finished()
         mgr.close()
     return state
@@ -323,14 +359,17 @@ def _trim_metrics(path: str, upto: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _sample_and_plot(config: Config, model: Unet, state: TrainState, key, step: int) -> None:
-    sharding = devices.batch_sharding(devices.data_mesh(config.num_samples))
-    ema_params = jax.device_put(state.ema_params, devices.replicated(sharding.mesh))
-    images = generate(ema_params, jax.random.fold_in(key, step), model=model, num=config.num_samples,
+def _sample_and_plot(config: Config, model: Unet, state: TrainState, mesh, key, step: int) -> None:
+    """EMA samples over the training mesh (every process takes part), written by process 0."""
+    count = mesh.devices.size
+    padded = -(-config.num_samples // count) * count  # a whole number of images per device
+    images = generate(state.ema_params, jax.random.fold_in(key, step), model=model, num=padded,
                       sampler=config.sampler, steps=config.sample_steps, n_T=config.n_T, eta=config.eta,
-                      sharding=sharding)
-    save_grid(images, os.path.join(config.workdir, "samples", f"step_{step}.png"))
-    _write_loss_curve(config.workdir)
+                      sharding=devices.batch_sharding(mesh))
+    images = devices.gather(images)[: config.num_samples]
+    if devices.is_primary():
+        save_grid(images, os.path.join(config.workdir, "samples", f"step_{step}.png"))
+        _write_loss_curve(config.workdir)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -358,7 +397,8 @@ def _unit_interval(text):
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, multi_process: bool = True) -> argparse.ArgumentParser:
+    """The trainer's flags; ``multi_process=False`` leaves out the process flags (the torch trainer)."""
     d = Config()
     p = argparse.ArgumentParser(prog="python -m unet_jax.train", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=d.workdir, help="where checkpoints, metrics and samples go (default %(default)s)")
@@ -382,28 +422,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=d.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--num-samples", type=_positive(int), default=d.num_samples)
     p.add_argument("--log-every", type=_positive(int), default=d.log_every)
+    if not multi_process:
+        return p
+    g = p.add_argument_group("multi-process runs", "every process runs the same command; see README, Scaling out")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, reachable by all")
+    g.add_argument("--num-processes", type=_positive(int), default=None)
+    g.add_argument("--process-id", type=_non_negative, default=None)
+    g.add_argument("--distributed", action="store_true",
+                   help="detect the processes from SLURM, Open MPI or the TPU VM (jax.distributed.initialize())")
+    g.add_argument("--heartbeat-timeout", type=_positive(int), default=devices.Cluster.heartbeat_timeout_s,
+                   help="seconds after which a silent process counts as dead and the run stops (default %(default)s)")
     return p
 
 
-def parse_config(parser: argparse.ArgumentParser, argv=None) -> Config:
-    """Flags -> Config, with the checks argparse cannot make alone; downloads MNIST if asked."""
+def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, devices.Cluster]:
+    """Flags -> (Config, Cluster), with the checks argparse cannot make alone; downloads MNIST if asked."""
     args = vars(parser.parse_args(argv))
     download = args.pop("download")
+    cluster = devices.Cluster(coordinator=args.pop("coordinator", None), num_processes=args.pop("num_processes", None),
+                              process_id=args.pop("process_id", None), detect=args.pop("distributed", False),
+                              heartbeat_timeout_s=args.pop("heartbeat_timeout", devices.Cluster.heartbeat_timeout_s))
+    explicit = (cluster.coordinator, cluster.num_processes, cluster.process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            parser.error("--coordinator, --num-processes and --process-id go together: give all three")
+        if cluster.detect:
+            parser.error("--distributed detects the processes itself; drop it, or drop the explicit flags")
+        if cluster.process_id >= cluster.num_processes:
+            parser.error(f"--process-id {cluster.process_id} must be below --num-processes {cluster.num_processes}")
     if download and args["data"] == data.BUNDLED:
         parser.error("--download needs --data ROOT, the folder to download MNIST into")
     if args["sample_steps"] > args["n_T"]:
         parser.error(f"--sample-steps {args['sample_steps']} exceeds --n-T {args['n_T']}")
-    if download:
+    if download and (cluster.process_id or 0) == 0:
         data.download(args["data"])
-    return Config(**args)
+    return Config(**args), cluster
 
 
 def main(argv=None) -> None:
-    devices.use_all_cpu_cores()
-    config = parse_config(build_parser(), argv)
+    config, cluster = parse_config(build_parser(), argv)
+    if not cluster.multi_process:
+        devices.use_all_cpu_cores(config.batch_size)  # one process: a device per core (that splits the batch)
+    devices.start_processes(cluster)
     try:
         train(config)
-    except (data.MnistError, checkpoints.IncompatibleWorkdirError, FloatingPointError) as error:
+    except PeerLostError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        # Not SystemExit: jax.distributed's shutdown would wait for the lost process, then abort.
+        os._exit(1)
+    except (data.MnistError, checkpoints.IncompatibleWorkdirError, devices.BatchSplitError,
+            FloatingPointError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -169,11 +169,11 @@ def _sample(config, ema, schedule, generator):
 def main(argv=None) -> None:
     from unet_jax.train import build_parser, parse_config
 
-    parser = build_parser()
+    parser = build_parser(multi_process=False)
     parser.prog = "python -m unet_torch.train"
     parser.description = __doc__.splitlines()[0]
     parser.set_defaults(workdir="runs/torch")
-    config = parse_config(parser, argv)
+    config, _ = parse_config(parser, argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     try:
         train(config)

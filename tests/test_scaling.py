@@ -1,0 +1,152 @@
+"""Scale-out: 8 simulated devices and two processes train like one device; a lost process stops the run.
+
+Each run is a subprocess, because the device count and jax.distributed are fixed when JAX starts.
+The multi-process commands are the README's "Scaling out" ones, with 127.0.0.1 as the host.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from unet_jax import checkpoints
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--batch-size", "8", "--n-T", "20", "--sample-steps", "3", "--num-samples", "4", "--log-every", "1",
+        "--sample-every", "0", "--warmup-steps", "2", "--steps", "10", "--ckpt-every", "0", "--lr", "1e-4"]
+TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_with(device_count: int) -> dict:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
+
+
+def launch(workdir, flags, *, processes: int = 1, device_count: int = 1, port: int | None = None):
+    """Start one run: ``processes`` copies of the trainer, joined through a coordinator on 127.0.0.1."""
+    command = [sys.executable, "-m", "unet_jax.train", "--workdir", str(workdir), *flags]
+    if processes == 1:
+        return [subprocess.Popen(command, env=env_with(device_count), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)]
+    port = port or free_port()
+    return [subprocess.Popen([*command, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                              "--process-id", str(i), "--heartbeat-timeout", "10"],
+                             env=env_with(device_count), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(processes)]
+
+
+def finish(procs, timeout=TIMEOUT_S):
+    """Wait for every process; kill them all if any outlives the timeout. Returns [(rc, stdout, stderr)]."""
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+def run_ok(workdir, flags=TINY, **kwargs):
+    results = finish(launch(workdir, flags, **kwargs))
+    for rc, out, err in results:
+        assert rc == 0, f"rc {rc}\n{out[-2000:]}\n{err[-3000:]}"
+    return results
+
+
+def losses_and_params(workdir):
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return losses, checkpoints.restore_latest_params(str(workdir))[1]["params"]
+
+
+def assert_same_training(reference, other):
+    """Same batches and noise, so the same run, up to float32 summation order over the devices."""
+    (losses_ref, params_ref), (losses, params) = reference, other
+    assert len(losses) == len(losses_ref) == 10
+    np.testing.assert_allclose(losses, losses_ref, rtol=1e-3)
+    # Reduction order differs (~1e-7 relative in the gradients). Adam divides by sqrt(v), so
+    # for parameters whose gradient is almost zero (conv biases right before a GroupNorm) that
+    # becomes a visible share of one lr-sized step. Over the whole tree the runs agree to 1e-3
+    # of the parameters' norm.
+    leaves_ref, leaves = jax.tree.leaves(params_ref), jax.tree.leaves(params)
+    diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(leaves_ref, leaves)))
+    norm = np.sqrt(sum(np.sum(a**2) for a in leaves_ref))
+    assert diff <= 1e-3 * norm, (diff, norm)
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one_device")
+    (_, out, _), = run_ok(workdir)
+    assert "training on 1 cpu device(s) in 1 process(es)" in out
+    return losses_and_params(workdir)
+
+
+def test_eight_simulated_devices_train_like_one(one_device, tmp_path):
+    (_, out, _), = run_ok(tmp_path, device_count=8)
+    assert "training on 8 cpu device(s) in 1 process(es)" in out
+    assert_same_training(one_device, losses_and_params(tmp_path))
+
+
+def test_two_processes_train_like_one(one_device, tmp_path):
+    (_, out0, _), (_, out1, _) = run_ok(tmp_path, processes=2)
+    assert "training on 2 cpu device(s) in 2 process(es)" in out0
+    assert "training on" not in out1, "only process 0 logs"
+    assert_same_training(one_device, losses_and_params(tmp_path))
+    assert sorted(os.listdir(tmp_path / "samples")) == ["step_10.png"]  # written once, by process 0
+
+    # The checkpoint layout does not depend on the device count: one process resumes it.
+    (_, out, _), = run_ok(tmp_path, [*TINY, "--steps", "12"])
+    assert f"resumed {tmp_path} from step 10" in out and "training on 1 cpu device(s)" in out
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused(tmp_path):
+    (rc, out, err), = finish(launch(tmp_path, [*TINY[2:], "--batch-size", "6"], device_count=4))
+    assert rc != 0
+    assert "--batch-size 6 does not split evenly over the run's 4 devices" in err
+    assert "use a multiple of 4, such as 4 or 8" in err
+
+
+@pytest.mark.parametrize("killed", [0, 1], ids=["coordinator-killed", "worker-killed"])
+def test_a_killed_process_stops_the_other_and_the_run_resumes(killed, tmp_path):
+    flags = [*TINY, "--steps", "150", "--ckpt-every", "10", "--log-every", "10"]  # --steps: the last one wins
+    port = free_port()
+    procs = launch(tmp_path, flags, processes=2, port=port)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not checkpoints.has_checkpoints(str(tmp_path)):
+            assert all(p.poll() is None for p in procs), finish(procs, timeout=5)
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.5)
+        procs[killed].kill()
+        killed_at = time.monotonic()
+        (rc, _, err), = finish([procs[1 - killed]], timeout=90)
+        waited = time.monotonic() - killed_at
+    finally:
+        finish(procs, timeout=1)
+    assert rc == 1, err[-3000:]
+    assert f"error: process {1 - killed} of 2 lost the others at step" in err
+    assert "run the same command on every process again to resume" in err
+    assert waited < 60, f"the surviving process took {waited:.0f} s to stop"
+
+    saved_step = checkpoints.restore_latest_params(str(tmp_path))[1]["step"]
+    assert saved_step >= 10
+    resumed = run_ok(tmp_path, flags, processes=2)
+    assert all(f"from step {saved_step}" in out for _, out, _ in resumed)
+    assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])["step"] == 150
