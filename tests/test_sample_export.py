@@ -60,3 +60,13 @@ def test_export_refuses_an_unknown_extension(workdir):
     with pytest.raises(SystemExit) as info:
         export.main(["--workdir", workdir, "--out", "model.bin"])
     assert info.value.code == 2
+
+
+def test_export_of_the_initial_weights_is_the_trainers_start(tmp_path):
+    from unet_jax.model import init_variables
+    from unet_jax.train import run_keys
+
+    out = str(tmp_path / "init.pt")
+    export.main(["--init-seed", "3", "--out", out])
+    expected = init_variables(run_keys(3)[0])["params"]
+    assert jax.tree.all(jax.tree.map(np.array_equal, torch_to_flax(out)["params"], expected))

@@ -2,6 +2,8 @@
 
 The file loads into the tutorial's ``Unet`` with ``strict=True``. ``.safetensors`` output
 is chosen by the extension. The EMA weights are exported unless ``--raw`` is given.
+``--init-seed S`` writes instead the initial weights that ``python -m unet_jax.train --seed S``
+starts from, so that ``python -m unet_torch.train --init-from`` can start from the same ones.
 """
 
 import argparse
@@ -11,19 +13,32 @@ from unet_jax import checkpoints
 
 def export(workdir: str, out: str, *, raw: bool = False) -> int:
     """Export the latest checkpoint of ``workdir`` to ``out``; returns its step."""
+    _, restored = checkpoints.restore_latest_params(workdir)
+    save_torch(restored["params" if raw else "ema_params"], out)
+    return restored["step"]
+
+
+def export_initial(seed: int, out: str) -> None:
+    """Export the weights a JAX training run with ``--seed seed`` starts from."""
+    from unet_jax.model import init_variables
+    from unet_jax.train import run_keys
+
+    save_torch(init_variables(run_keys(seed)[0])["params"], out)
+
+
+def save_torch(params, out: str) -> None:
+    """Flax params -> a torch state_dict file (.pt/.pth, or .safetensors by the extension)."""
     import torch
 
     from parity import flax_to_torch  # the torch boundary lives in parity
 
-    _, restored = checkpoints.restore_latest_params(workdir)
-    state_dict = flax_to_torch({"params": restored["params" if raw else "ema_params"]})
+    state_dict = flax_to_torch({"params": params})
     if out.endswith(".safetensors"):
         from safetensors.torch import save_file
 
         save_file(dict(state_dict), out)
     else:
         torch.save(state_dict, out)
-    return restored["step"]
 
 
 def main(argv=None) -> None:
@@ -31,9 +46,15 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default="runs/default")
     parser.add_argument("--out", required=True, help="model.pt, model.pth or model.safetensors")
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    parser.add_argument("--init-seed", type=int, default=None,
+                        help="export the initial weights of a training run with this --seed (no workdir needed)")
     args = parser.parse_args(argv)
     if not args.out.endswith((".pt", ".pth", ".safetensors")):
         parser.error(f"--out must end in .pt, .pth or .safetensors, got {args.out!r}")
+    if args.init_seed is not None:
+        export_initial(args.init_seed, args.out)
+        print(f"wrote the initial weights of a training run with --seed {args.init_seed} to {args.out}")
+        return
     try:
         step = export(args.workdir, args.out, raw=args.raw)
     except FileNotFoundError as error:
