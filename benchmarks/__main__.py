@@ -10,8 +10,6 @@ sides on GPU. Writes benchmarks/results/<machine>.json and .md and prints the ta
 import argparse
 import json
 import os
-import platform
-import re
 import sys
 
 from unet_jax import devices
@@ -22,27 +20,10 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import jax_bench, torch_bench  # noqa: E402
+from benchmarks.machine import machine, machine_name  # noqa: E402
 from unet_jax import data  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        match = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
-        cpu = match.group(1).strip() if match else cpu
-    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "backend": jax.default_backend(),
-            "jax_devices": len(jax.devices()), "jax": jax.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def machine_name(info: dict) -> str:
-    label = info.get("gpu") or f"cpu-{info['cores']}core-{info['cpu']}"
-    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
 
 
 def run(args) -> dict:

@@ -1,0 +1,26 @@
+"""What a benchmark ran on: CPU or GPU, cores, library versions, and a file name for it."""
+
+import os
+import platform
+import re
+
+import jax
+import torch
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        match = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
+        cpu = match.group(1).strip() if match else cpu
+    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "backend": jax.default_backend(),
+            "jax_devices": len(jax.devices()), "jax": jax.__version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_name(info: dict) -> str:
+    label = info.get("gpu") or f"cpu-{info['cores']}core-{info['cpu']}"
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")

@@ -1,0 +1,96 @@
+"""python -m benchmarks.scaling: the trainer's throughput on 1, 2 and 8 devices, and in 2 processes.
+
+Each configuration is the real ``python -m unet_jax.train`` in subprocesses, started the way
+the README's "Scaling out" section does it (simulated host devices through XLA_FLAGS, two
+processes joined through a coordinator on 127.0.0.1). Throughput is the median images/s
+of the trainer's own log windows after the first. On a CPU this shows that the code paths
+work and what they cost, not how a cluster scales: the simulated devices share the cores.
+Writes benchmarks/results/scaling-<machine>.json and .md.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from benchmarks.machine import machine, machine_name
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CONFIGS = (("1 device", 1, 1), ("2 devices", 1, 2), ("8 devices", 1, 8), ("2 processes × 1 device", 2, 1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_throughput(processes: int, device_count: int, flags: list[str], timeout_s: int) -> list[float]:
+    """images/s of each log window of one run (every process runs the same command)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "-m", "unet_jax.train", "--workdir", workdir, *flags]
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
+        if processes > 1:
+            port = _free_port()
+            commands = [[*command, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                         "--process-id", str(i)] for i in range(processes)]
+        else:
+            commands = [command]
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for c in commands]
+        try:
+            errors = [p.communicate(timeout=timeout_s)[1] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        failed = [(p.returncode, e) for p, e in zip(procs, errors) if p.returncode != 0]
+        if failed:
+            raise RuntimeError(f"{processes} process(es) x {device_count} device(s) failed: rc {failed[0][0]}\n"
+                               f"{failed[0][1][-2000:]}")
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return [json.loads(line)["images_per_s"] for line in f]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    flags = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--log-every", str(args.log_every),
+             "--sample-every", "0", "--ckpt-every", "0", "--num-samples", "8", "--sample-steps", "2"]
+    rows = []
+    for label, processes, device_count in CONFIGS:
+        windows = train_throughput(processes, device_count, flags, args.timeout)[1:]  # the first holds warm-up
+        rows.append({"config": label, "processes": processes, "devices_per_process": device_count,
+                     "images_per_s": statistics.median(windows), "min": min(windows), "max": max(windows)})
+        print(f"{label:26} {rows[-1]['images_per_s']:7.1f} images/s", flush=True)
+    base = rows[0]["images_per_s"]
+    for row in rows:
+        row["vs_1_device"] = row["images_per_s"] / base
+    info = machine()
+    result = {"machine": info, "command": "python -m benchmarks.scaling " + " ".join(sys.argv[1:]),
+              "batch_size": args.batch_size, "steps": args.steps, "rows": rows}
+    lines = [f"Machine: {info.get('gpu') or info['cpu']}, {info['cores']} cores, JAX {info['jax']}. "
+             f"Global batch {args.batch_size}, {args.steps} steps, median of the log windows after the first. "
+             f"Command: `{result['command'].strip()}`.", "",
+             "| configuration | images/s (median) | spread (min-max) | × 1 device |", "|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['images_per_s']:.0f} | {r['min']:.0f}-{r['max']:.0f} | {r['vs_1_device']:.2f}× |"
+              for r in rows]
+    name = "scaling-" + machine_name(info)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, name + ".json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(args.out, name + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
