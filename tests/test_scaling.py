@@ -141,7 +141,7 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(killed, tmp_path):
     finally:
         finish(procs, timeout=1)
     assert rc == 1, err[-3000:]
-    assert f"error: process {1 - killed} of 2 lost the others at step" in err
+    assert f"error: process {1 - killed} of 2 stopped at step" in err
     assert "run the same command on every process again to resume" in err
     assert waited < 60, f"the surviving process took {waited:.0f} s to stop"
 

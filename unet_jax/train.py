@@ -283,20 +283,12 @@ def train(config: Config) -> TrainState:
         metrics_file.flush()
         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
 
+    step = start
     try:
         for step in range(start, config.steps):
-            try:
-                state, acc = compiled(state, acc, images_u8, keys)
-                if one_step_in_flight:
-                    jax.block_until_ready(acc)
-            except (jax.errors.JaxRuntimeError, ValueError) as error:
-                if jax.process_count() == 1:
-                    raise
-                first_line = str(error).strip().splitlines()[0]
-                raise PeerLostError(
-                    f"process {jax.process_index()} of {jax.process_count()} lost the others at step {step} "
-                    f"({first_line}). The last complete checkpoint in {config.workdir} is step {last_good}; "
-                    "run the same command on every process again to resume from it.") from None
+            state, acc = compiled(state, acc, images_u8, keys)
+            if one_step_in_flight:
+                jax.block_until_ready(acc)
             if to_log is not None:
                 write_log(*to_log)
                 to_log = None
@@ -315,6 +307,16 @@ def train(config: Config) -> TrainState:
                 last_good = done
             if (config.sample_every and done % config.sample_every == 0) or done == config.steps:
                 _sample_and_plot(config, model, state, mesh, sample_key, done)
+    except (jax.errors.JaxRuntimeError, ValueError) as error:
+        if jax.process_count() == 1:
+            raise
+        # A collective whose peer died fails here (gloo: "Connection closed by peer").
+        first_line = str(error).strip().splitlines()[0]
+        raise PeerLostError(
+            f"process {jax.process_index()} of {jax.process_count()} stopped at step {step}: {first_line}\n"
+            "A process that dies (killed, out of memory, preempted) shows up like this in the others. "
+            f"The last complete checkpoint in {config.workdir} is step {last_good}; run the same command "
+            "on every process again to resume from it.") from None
     finally:
         bar.close()
         if metrics_file is not None:
