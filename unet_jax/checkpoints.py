@@ -46,7 +46,13 @@ def write_config(workdir: str, config: dict) -> None:
 
 def has_checkpoints(workdir: str) -> bool:
     directory = checkpoint_dir(workdir)
-    return os.path.isdir(directory) and ocp.CheckpointManager(directory).latest_step() is not None
+    if not os.path.isdir(directory):
+        return False
+    mgr = ocp.CheckpointManager(directory)
+    try:
+        return mgr.latest_step() is not None
+    finally:
+        mgr.close()
 
 
 def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -> None:
@@ -71,10 +77,13 @@ def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -
 def restore_latest_params(workdir: str) -> tuple[dict, dict]:
     """(config, {'step', 'params', 'ema_params'}) from the workdir's latest checkpoint."""
     config = read_config(workdir)
-    if config is None or not has_checkpoints(workdir):
+    directory = checkpoint_dir(workdir)
+    mgr = ocp.CheckpointManager(directory) if config is not None and os.path.isdir(directory) else None
+    step = mgr.latest_step() if mgr else None
+    if step is None:
+        if mgr:
+            mgr.close()
         raise FileNotFoundError(f"no checkpoint in {workdir}: train first with python -m unet_jax.train --workdir {workdir}")
-    mgr = ocp.CheckpointManager(checkpoint_dir(workdir))
-    step = mgr.latest_step()
     # Onto this process's first device, whatever devices the checkpoint was written from.
     restored = mgr.restore(step, args=ocp.args.StandardRestore(
         fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])))

@@ -23,8 +23,7 @@ from flax import serialization
 
 from unet_jax import checkpoints, data, devices
 from unet_jax.layers import max_pool
-from unet_jax.model import Unet
-from unet_jax.sample import generate, to_uint8
+from unet_jax.sample import generate_on_local_devices, to_uint8
 
 CONFIDENT = 0.9
 
@@ -185,10 +184,8 @@ def main(argv=None) -> None:
         config, restored = checkpoints.restore_latest_params(args.workdir)
         params, n_T = restored["ema_params"], config["n_T"]
     classifier, acc, held_out = load_or_train_classifier(source, args.classifier_dir)
-    mesh = devices.data_mesh(args.num)
-    params = jax.device_put(params, devices.replicated(mesh))
-    samples = np.asarray(generate(params, jax.random.key(args.seed), model=Unet(), num=args.num, sampler=args.sampler,
-                                  steps=args.sample_steps, n_T=n_T, eta=args.eta, sharding=devices.batch_sharding(mesh)))
+    samples = generate_on_local_devices(params, jax.random.key(args.seed), num=args.num, sampler=args.sampler,
+                                        steps=args.sample_steps, n_T=n_T, eta=args.eta)
     reference = np.asarray(data.to_model_range(jnp.asarray(held_out.images)))
     report = sample_report(classifier, samples, reference)
     report |= {"classifier_accuracy": acc, "sampler": args.sampler, "steps": args.sample_steps if args.sampler == "ddim" else n_T,

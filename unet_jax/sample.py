@@ -45,6 +45,13 @@ def generate(params, key, *, model: Unet, num: int, sampler: str = "ddim", steps
     return jnp.clip(x_0, -1.0, 1.0)
 
 
+def generate_on_local_devices(params, key, *, num: int, **kwargs) -> np.ndarray:
+    """``generate`` with ``Unet()``, the images split over this process's devices (as many as divide ``num``)."""
+    mesh = devices.data_mesh(num)
+    params = jax.device_put(params, devices.replicated(mesh))
+    return np.asarray(generate(params, key, model=Unet(), num=num, sharding=devices.batch_sharding(mesh), **kwargs))
+
+
 def to_uint8(images) -> np.ndarray:
     """[-1, 1] floats -> uint8 pixels."""
     return np.round((np.asarray(images, np.float32) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
@@ -80,11 +87,9 @@ def main(argv=None) -> None:
         parser.error("--num must be at least 1")
 
     config, restored = checkpoints.restore_latest_params(args.workdir)
-    mesh = devices.data_mesh(args.num)
-    params = jax.device_put(restored["params" if args.raw else "ema_params"], devices.replicated(mesh))
-    images = generate(params, jax.random.key(args.seed), model=Unet(), num=args.num, sampler=args.sampler,
-                      steps=args.sample_steps, n_T=config["n_T"], eta=args.eta, clip_x0=not args.no_clip_x0,
-                      sharding=devices.batch_sharding(mesh))
+    images = generate_on_local_devices(restored["params" if args.raw else "ema_params"], jax.random.key(args.seed),
+                                       num=args.num, sampler=args.sampler, steps=args.sample_steps,
+                                       n_T=config["n_T"], eta=args.eta, clip_x0=not args.no_clip_x0)
     out = args.out or os.path.join(args.workdir, "samples", "final")
     save_grid(images, out + ".png")
     np.save(out + ".npy", np.asarray(images))
