@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unet_jax import data, evaluate
+from unet_jax import data, evaluate, export
+from unet_jax.train import Config, train
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,58 @@ def test_fd_sanity(classifier):
     assert report == evaluate.sample_report(params, digits, reference)
     assert report["frac_confident"] > 0.9 and report["class_entropy"] > 0.95 * np.log(10)
     json.dumps(report)
+
+
+EVAL_KEYS = {"fd", "confidence_mean", "frac_confident", "class_hist", "class_entropy", "classifier_accuracy",
+             "n_samples", "sampler", "steps"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("run"))
+    train(Config(workdir=path, steps=3, batch_size=8, sample_steps=3, num_samples=4, sample_every=0, ckpt_every=0,
+                 warmup_steps=0))
+    return path
+
+
+def _evaluate(classifier, out, *extra):
+    evaluate.main(["--workdir", out, "--classifier-dir", classifier[3], "--num", "12", "--sample-steps", "3", *extra])
+    with open(os.path.join(out, "eval.json")) as f:
+        return json.load(f)
+
+
+def test_evaluate_cli_writes_eval_json_and_a_labelled_grid(classifier, trained):
+    report = _evaluate(classifier, trained)
+    assert EVAL_KEYS <= set(report)
+    assert report["n_samples"] == 12 and sum(report["class_hist"]) == 12 and len(report["class_hist"]) == 10
+    assert (report["sampler"], report["steps"]) == ("ddim", 3)
+    assert report["classifier_accuracy"] == classifier[1]
+    assert 0 <= report["frac_confident"] <= 1 and 0 <= report["class_entropy"] <= np.log(10) + 1e-12
+    assert os.path.getsize(os.path.join(trained, "eval_samples.png")) > 0
+    assert _evaluate(classifier, trained) == report  # same seed, same numbers
+
+
+def test_evaluate_a_torch_checkpoint_through_the_same_sampler(classifier, trained, tmp_path):
+    """A torch state_dict of the run's EMA weights scores exactly what the run scores."""
+    pt = str(tmp_path / "model.pt")
+    export.export(trained, pt)
+    ours = _evaluate(classifier, trained)
+    ported = _evaluate(classifier, str(tmp_path), "--torch-checkpoint", pt)
+    assert ported.pop("model") == pt and ours.pop("model") == trained
+    assert ported == ours
+
+
+def test_evaluate_without_a_model_says_so(classifier, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint in"):
+        _evaluate(classifier, str(tmp_path))
+    with pytest.raises(SystemExit, match="no checkpoint file at"):
+        _evaluate(classifier, str(tmp_path), "--torch-checkpoint", str(tmp_path / "missing.pt"))
+
+
+def test_evaluate_refuses_fewer_than_two_samples(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--num", "1"])
+    assert "--num must be at least 2" in capsys.readouterr().err
 
 
 def _blur(images, radius):

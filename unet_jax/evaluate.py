@@ -176,13 +176,16 @@ def main(argv=None) -> None:
 
     config = checkpoints.read_config(args.workdir) or {}
     source = args.data or config.get("data", data.BUNDLED)
-    if args.torch_checkpoint:
-        from parity import torch_to_flax
+    try:
+        if args.torch_checkpoint:
+            from parity import torch_to_flax
 
-        params, n_T = torch_to_flax(args.torch_checkpoint)["params"], 1000
-    else:
-        config, restored = checkpoints.restore_latest_params(args.workdir)
-        params, n_T = restored["ema_params"], config["n_T"]
+            params, n_T = torch_to_flax(args.torch_checkpoint)["params"], 1000
+        else:
+            config, restored = checkpoints.restore_latest_params(args.workdir)
+            params, n_T = restored["ema_params"], config["n_T"]
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}") from None
     classifier, acc, held_out = load_or_train_classifier(source, args.classifier_dir)
     samples = generate_on_local_devices(params, jax.random.key(args.seed), num=args.num, sampler=args.sampler,
                                         steps=args.sample_steps, n_T=n_T, eta=args.eta)
