@@ -92,6 +92,11 @@ def test_evaluate_cli_writes_eval_json_and_a_labelled_grid(classifier, trained):
     assert 0 <= report["frac_confident"] <= 1 and 0 <= report["class_entropy"] <= np.log(10) + 1e-12
     assert os.path.getsize(os.path.join(trained, "eval_samples.png")) > 0
     assert _evaluate(classifier, trained) == report  # same seed, same numbers
+    evaluate.main(["--workdir", trained, "--classifier-dir", classifier[3], "--num", "12", "--sample-steps", "3", "--raw"])
+    with open(os.path.join(trained, "eval_raw.json")) as f:
+        raw = json.load(f)
+    assert (raw["weights"], report["weights"]) == ("raw", "ema") and raw["fd"] != report["fd"]
+    assert os.path.exists(os.path.join(trained, "eval_raw_samples.png"))
 
 
 def test_evaluate_a_torch_checkpoint_through_the_same_sampler(classifier, trained, tmp_path):
@@ -101,6 +106,7 @@ def test_evaluate_a_torch_checkpoint_through_the_same_sampler(classifier, traine
     ours = _evaluate(classifier, trained)
     ported = _evaluate(classifier, str(tmp_path), "--torch-checkpoint", pt)
     assert ported.pop("model") == pt and ours.pop("model") == trained
+    assert (ported.pop("weights"), ours.pop("weights")) == ("state_dict", "ema")
     assert ported == ours
 
 
@@ -111,10 +117,13 @@ def test_evaluate_without_a_model_says_so(classifier, tmp_path):
         _evaluate(classifier, str(tmp_path), "--torch-checkpoint", str(tmp_path / "missing.pt"))
 
 
-def test_evaluate_refuses_fewer_than_two_samples(capsys):
+def test_evaluate_refuses_fewer_than_two_samples_and_raw_torch_weights(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--num", "1"])
     assert "--num must be at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--raw", "--torch-checkpoint", "model.pt"])
+    assert "--raw applies to a workdir" in capsys.readouterr().err
 
 
 def _blur(images, radius):

@@ -7,7 +7,8 @@ the same training digits (once, cached by the data's fingerprint), gives
   real digits (``fd``; "FID-LeNet"),
 - its own view of the samples: mean top-class confidence, the share above 0.9, and the
   class histogram with its entropy (mode coverage; log(10) = 2.303 is uniform).
-Writes ``W/eval.json`` and ``W/eval_samples.png`` (the grid, labelled with predictions).
+Writes ``W/eval.json`` and ``W/eval_samples.png`` (the grid, labelled with predictions);
+``--raw`` evaluates the raw weights instead of the EMA, into ``W/eval_raw.*``.
 """
 
 import argparse
@@ -170,9 +171,13 @@ def main(argv=None) -> None:
     parser.add_argument("--sample-steps", type=int, default=100)
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw", action="store_true",
+                        help="evaluate the raw weights instead of the EMA (writes eval_raw.json, eval_raw_samples.png)")
     args = parser.parse_args(argv)
     if args.num < 2:
         parser.error("--num must be at least 2 (a covariance needs two samples)")
+    if args.raw and args.torch_checkpoint:
+        parser.error("--raw applies to a workdir's checkpoint; a torch state_dict holds one set of weights")
 
     config = checkpoints.read_config(args.workdir) or {}
     source = args.data or config.get("data", data.BUNDLED)
@@ -183,7 +188,7 @@ def main(argv=None) -> None:
             params, n_T = torch_to_flax(args.torch_checkpoint)["params"], 1000
         else:
             config, restored = checkpoints.restore_latest_params(args.workdir)
-            params, n_T = restored["ema_params"], config["n_T"]
+            params, n_T = restored["params" if args.raw else "ema_params"], config["n_T"]
     except FileNotFoundError as error:
         raise SystemExit(f"error: {error}") from None
     classifier, acc, held_out = load_or_train_classifier(source, args.classifier_dir)
@@ -192,13 +197,14 @@ def main(argv=None) -> None:
     reference = np.asarray(data.to_model_range(jnp.asarray(held_out.images)))
     report = sample_report(classifier, samples, reference)
     report |= {"classifier_accuracy": acc, "sampler": args.sampler, "steps": args.sample_steps if args.sampler == "ddim" else n_T,
-               "eta": args.eta, "model": args.torch_checkpoint or args.workdir}
+               "eta": args.eta, "model": args.torch_checkpoint or args.workdir, "weights": "state_dict" if args.torch_checkpoint else "raw" if args.raw else "ema"}
+    name = "eval_raw" if args.raw else "eval"
     os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, "eval.json"), "w") as f:
+    with open(os.path.join(args.workdir, name + ".json"), "w") as f:
         json.dump(report, f, indent=2)
     probs, _ = classify(classifier, samples[:100])
-    save_labelled_grid(samples[:100], probs.argmax(1), probs.max(1), os.path.join(args.workdir, "eval_samples.png"))
-    print(f"model: {report['model']}  ({args.num} samples, {args.sampler} {report['steps']} steps)")
+    save_labelled_grid(samples[:100], probs.argmax(1), probs.max(1), os.path.join(args.workdir, name + "_samples.png"))
+    print(f"model: {report['model']} ({report['weights']} weights; {args.num} samples, {args.sampler} {report['steps']} steps)")
     print(f"classifier held-out accuracy: {acc:.4f}")
     print(f"Frechet distance (LeNet features) to held-out digits: {report['fd']:.3f}")
     print(f"confidence: mean {report['confidence_mean']:.3f}, share > {CONFIDENT}: {report['frac_confident']:.3f}")
