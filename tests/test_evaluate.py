@@ -77,9 +77,9 @@ def trained(tmp_path_factory):
     return path
 
 
-def _evaluate(classifier, out, *extra):
+def _evaluate(classifier, out, *extra, name="eval"):
     evaluate.main(["--workdir", out, "--classifier-dir", classifier[3], "--num", "12", "--sample-steps", "3", *extra])
-    with open(os.path.join(out, "eval.json")) as f:
+    with open(os.path.join(out, name + ".json")) as f:
         return json.load(f)
 
 
@@ -92,9 +92,7 @@ def test_evaluate_cli_writes_eval_json_and_a_labelled_grid(classifier, trained):
     assert 0 <= report["frac_confident"] <= 1 and 0 <= report["class_entropy"] <= np.log(10) + 1e-12
     assert os.path.getsize(os.path.join(trained, "eval_samples.png")) > 0
     assert _evaluate(classifier, trained) == report  # same seed, same numbers
-    evaluate.main(["--workdir", trained, "--classifier-dir", classifier[3], "--num", "12", "--sample-steps", "3", "--raw"])
-    with open(os.path.join(trained, "eval_raw.json")) as f:
-        raw = json.load(f)
+    raw = _evaluate(classifier, trained, "--raw", name="eval_raw")
     assert (raw["weights"], report["weights"]) == ("raw", "ema") and raw["fd"] != report["fd"]
     assert os.path.exists(os.path.join(trained, "eval_raw_samples.png"))
 

@@ -79,13 +79,14 @@ def restore_latest_params(workdir: str) -> tuple[dict, dict]:
     config = read_config(workdir)
     directory = checkpoint_dir(workdir)
     mgr = ocp.CheckpointManager(directory) if config is not None and os.path.isdir(directory) else None
-    step = mgr.latest_step() if mgr else None
-    if step is None:
+    try:
+        step = mgr.latest_step() if mgr else None
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {workdir}: train first with python -m unet_jax.train --workdir {workdir}")
+        # Onto this process's first device, whatever devices the checkpoint was written from.
+        restored = mgr.restore(step, args=ocp.args.StandardRestore(
+            fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+    finally:
         if mgr:
             mgr.close()
-        raise FileNotFoundError(f"no checkpoint in {workdir}: train first with python -m unet_jax.train --workdir {workdir}")
-    # Onto this process's first device, whatever devices the checkpoint was written from.
-    restored = mgr.restore(step, args=ocp.args.StandardRestore(
-        fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])))
-    mgr.close()
     return config, {"step": step, "params": restored["params"], "ema_params": restored["ema_params"]}

@@ -196,8 +196,9 @@ def main(argv=None) -> None:
                                         steps=args.sample_steps, n_T=n_T, eta=args.eta)
     reference = np.asarray(data.to_model_range(jnp.asarray(held_out.images)))
     report = sample_report(classifier, samples, reference)
+    weights = "state_dict" if args.torch_checkpoint else ("raw" if args.raw else "ema")
     report |= {"classifier_accuracy": acc, "sampler": args.sampler, "steps": args.sample_steps if args.sampler == "ddim" else n_T,
-               "eta": args.eta, "model": args.torch_checkpoint or args.workdir, "weights": "state_dict" if args.torch_checkpoint else "raw" if args.raw else "ema"}
+               "eta": args.eta, "model": args.torch_checkpoint or args.workdir, "weights": weights}
     name = "eval_raw" if args.raw else "eval"
     os.makedirs(args.workdir, exist_ok=True)
     with open(os.path.join(args.workdir, name + ".json"), "w") as f:
