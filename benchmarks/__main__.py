@@ -20,10 +20,12 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import jax_bench, torch_bench  # noqa: E402
-from benchmarks.machine import machine, machine_name  # noqa: E402
+from benchmarks.machine import cpu_has_bfloat16, machine, machine_name  # noqa: E402
 from unet_jax import data  # noqa: E402
+from unet_jax.train import Config  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+STEPS_PER_DISPATCH = Config().steps_per_dispatch
 
 
 def run(args) -> dict:
@@ -35,7 +37,7 @@ def run(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False
         jax.config.update("jax_default_matmul_precision", "highest")
     images = data.load_bundled("train").images
-    dtypes = ["float32", "bfloat16"] if gpu else ["float32"]
+    dtypes = args.dtypes or (["float32", "bfloat16"] if gpu or cpu_has_bfloat16() else ["float32"])
     compile_modes = ["max-autotune", "reduce-overhead"] if gpu else ["default"]
     rows = []
 
@@ -46,9 +48,15 @@ def run(args) -> dict:
         for batch in args.batches:
             steps = max(1, args.images_per_repeat // batch)
             common = dict(steps_per_repeat=steps, repeats=args.repeats)
-            cases = [("jax-jit", lambda: jax_bench.train_step_case(images, batch, dtype, all_devices=True, **common))]
-            if not gpu and len(jax.devices()) > 1:
-                cases.append(("jax-jit 1 device", lambda: jax_bench.train_step_case(images, batch, dtype, all_devices=False, **common)))
+            # The trainer's own program: Config().steps_per_dispatch steps per dispatch, all devices.
+            cases = [("jax-jit", lambda: jax_bench.train_step_case(
+                images, batch, dtype, all_devices=True, steps_per_dispatch=STEPS_PER_DISPATCH, **common))]
+            if dtype == "float32":  # what the dispatch size and the per-core devices each bring
+                cases.append(("jax-jit 1 step/dispatch", lambda: jax_bench.train_step_case(
+                    images, batch, dtype, all_devices=True, **common)))
+                if not gpu and len(jax.devices()) > 1:
+                    cases.append(("jax-jit 1 step/dispatch, 1 device", lambda: jax_bench.train_step_case(
+                        images, batch, dtype, all_devices=False, **common)))
             cases.append(("torch eager", lambda: torch_bench.train_step_case(images, batch, dtype, compiled=None, device=device, **common)))
             for mode in compile_modes:
                 if not args.skip_compile:
@@ -107,6 +115,8 @@ def table(result: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=None,
+                        help="train-step dtypes (default: float32, and bfloat16 where the GPU or CPU has it)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--images-per-repeat", type=int, default=256, help="train steps per timed repeat = this // batch")
     parser.add_argument("--ddim-images", type=int, default=64)

@@ -11,7 +11,7 @@ from unet_jax import devices
 from unet_jax.model import Unet, init_variables
 from unet_jax.sample import generate
 from unet_jax.schedule import linear_schedule
-from unet_jax.train import Config, create_state, make_optimizer, train_step
+from unet_jax.train import Config, create_state, make_optimizer, new_accumulator, train_steps
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -42,32 +42,42 @@ def _gflops(fn, flops, repeats):
 
 
 def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_devices: bool, steps_per_repeat: int,
-                    repeats: int) -> dict:
-    """The trainer's jitted, state-donating step: ms/step, compile time and XLA's FLOP count."""
+                    repeats: int, steps_per_dispatch: int = 1) -> dict:
+    """The trainer's own jitted, state-donating program: ms/step, compile time and XLA's FLOP count.
+
+    ``steps_per_dispatch`` steps run per program, as the trainer's ``--steps-per-dispatch``;
+    ``steps_per_repeat`` is rounded to a multiple of it.
+    """
     config = Config(batch_size=batch, warmup_steps=0)
     tx = make_optimizer(config)
     mesh = devices.data_mesh(batch) if all_devices else jax.sharding.Mesh(jax.devices()[:1], ("data",))
     state = jax.device_put(create_state(init_variables(jax.random.key(0))["params"], tx), devices.replicated(mesh))
+    acc = jax.device_put(new_accumulator(), devices.replicated(mesh))
     images = jax.device_put(images_u8, devices.replicated(mesh))
     keys = tuple(jax.random.split(jax.random.key(1)))
-    step = jax.jit(functools.partial(train_step, model=Unet(dtype=DTYPES[dtype]), tx=tx, schedule=linear_schedule(),
-                                     batch_size=batch, ema_decay=0.999, sharding=devices.batch_sharding(mesh)),
-                   donate_argnums=0)
-    lowered = step.lower(state, images, keys)
+    program = jax.jit(functools.partial(train_steps, steps=steps_per_dispatch, model=Unet(dtype=DTYPES[dtype]), tx=tx,
+                                        schedule=linear_schedule(), batch_size=batch, ema_decay=0.999,
+                                        sharding=devices.batch_sharding(mesh)),
+                      donate_argnums=(0, 1))
+    lowered = program.lower(state, acc, images, keys)
     compiled, compile_s = timed(lowered.compile)
-    flops = _flops(lowered)  # of the whole, unpartitioned step (a compiled SPMD program counts one device)
-    holder = {"state": state, "loss": None}
+    # Of the whole, unpartitioned program (a compiled SPMD program counts one device), per step.
+    flops = _flops(lowered)
+    flops = flops / steps_per_dispatch if flops else None
+    holder = {"state": state, "acc": acc}
+    dispatches = max(1, round(steps_per_repeat / steps_per_dispatch))
 
     wait = devices.needs_one_step_in_flight(mesh)  # as the trainer does, see unet_jax/train.py
 
     def run():
-        for _ in range(steps_per_repeat):
-            holder["state"], holder["loss"] = compiled(holder["state"], images, keys)
+        for _ in range(dispatches):
+            holder["state"], holder["acc"] = compiled(holder["state"], holder["acc"], images, keys)
             if wait:
-                jax.block_until_ready(holder["loss"])
+                jax.block_until_ready(holder["acc"])
 
-    timing = time_repeats(run, lambda: jax.block_until_ready(holder["loss"]), warmup=1, repeats=repeats)
-    return {**_per(timing, steps_per_repeat), "compile_s": compile_s, "flops": flops, "devices": mesh.devices.size}
+    timing = time_repeats(run, lambda: jax.block_until_ready(holder["acc"]), warmup=1, repeats=repeats)
+    return {**_per(timing, dispatches * steps_per_dispatch), "compile_s": compile_s, "flops": flops,
+            "devices": mesh.devices.size}
 
 
 def sample_case(num: int, sampler: str, steps: int, *, repeats: int) -> dict:

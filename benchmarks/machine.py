@@ -15,10 +15,18 @@ def machine() -> dict:
         cpu = match.group(1).strip() if match else cpu
     info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "backend": jax.default_backend(),
             "jax_devices": len(jax.devices()), "jax": jax.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "cpu_bfloat16": cpu_has_bfloat16()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether the CPU computes in bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return False
+    found = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", open("/proc/cpuinfo").read(), re.M)
+    return bool(found and set(found.group(1).split()) & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def machine_name(info: dict) -> str:

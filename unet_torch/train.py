@@ -169,7 +169,7 @@ def _sample(config, ema, schedule, generator):
 def main(argv=None) -> None:
     from unet_jax.train import build_parser, parse_config
 
-    parser = build_parser(multi_process=False)
+    parser = build_parser(jax_flags=False)
     parser.prog = "python -m unet_torch.train"
     parser.description = __doc__.splitlines()[0]
     parser.set_defaults(workdir="runs/torch")

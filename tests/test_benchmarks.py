@@ -1,0 +1,32 @@
+"""`python -m benchmarks` end to end, at toy sizes: every row is measured and the table is written."""
+
+import json
+import os
+import subprocess
+import sys
+
+from benchmarks.machine import machine_name
+
+
+def test_bench_writes_its_json_and_table(tmp_path):
+    command = [sys.executable, "-m", "benchmarks", "--batches", "4", "--repeats", "1", "--images-per-repeat", "4",
+               "--ddim-images", "2", "--ddpm-images", "0", "--dtypes", "float32", "--skip-compile", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (json_path,) = tmp_path.glob("*.json")
+    result = json.loads(json_path.read_text())
+    assert json_path.stem == machine_name(result["machine"])
+    assert result["matmul_peak_gflops"] > 0
+    rows = {(r["case"], r["impl"]): r for r in result["rows"]}
+    expected = {("train step", "jax-jit"), ("train step", "jax-jit 1 step/dispatch"), ("train step", "torch eager"),
+                ("DDIM-100 sampling", "jax-jit"), ("DDIM-100 sampling", "torch eager")}
+    if len(os.sched_getaffinity(0)) > 1:  # a device per core, and the one-device row beside it
+        expected.add(("train step", "jax-jit 1 step/dispatch, 1 device"))
+    assert set(rows) == expected
+    for row in result["rows"]:
+        assert row["ms_min"] <= row["ms"] <= row["ms_max"] and row["images_per_s"] > 0
+        assert row["speedup_vs_eager"] > 0
+    assert rows[("train step", "torch eager")]["speedup_vs_eager"] == 1.0
+    assert rows[("train step", "jax-jit")]["gflops"] > 0  # from XLA's cost analysis
+    table = json_path.with_suffix(".md").read_text()
+    assert "| train step | 4 | float32 | jax-jit |" in table and table in done.stdout
