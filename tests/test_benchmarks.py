@@ -30,3 +30,24 @@ def test_bench_writes_its_json_and_table(tmp_path):
     assert rows[("train step", "jax-jit")]["gflops"] > 0  # from XLA's cost analysis
     table = json_path.with_suffix(".md").read_text()
     assert "| train step | 4 | float32 | jax-jit |" in table and table in done.stdout
+
+
+def _run(*args):
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_conv_microbenchmark_prints_its_rows():
+    out = _run("benchmarks.conv", "--batch", "2", "--size", "8", "--channels", "8", "--repeats", "1")
+    assert "| XLA, 1 cpu device |" in out and "| torch (oneDNN), 1 thread |" in out
+
+
+def test_profile_sums_the_step_by_kind_of_op():
+    out = _run("benchmarks.profile", "--batch", "2", "--steps-per-dispatch", "2", "--dispatches", "1", "--top", "3")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and line.endswith("% |")]
+    shares = {row[0].lstrip("| "): float(row[2].rstrip(" %|")) for row in rows}
+    # The convolutions are found (the trace format is read right) and the shares add up.
+    assert shares["library calls: convolutions, matmuls (and a few reductions)"] > 20
+    assert abs(sum(shares.values()) - 100) <= len(shares)
+    assert "minor page faults" in out
