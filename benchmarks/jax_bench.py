@@ -41,24 +41,33 @@ def _gflops(fn, flops, repeats):
     return flops / timing["median_s"] / 1e9
 
 
-def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_devices: bool, steps_per_repeat: int,
-                    repeats: int, steps_per_dispatch: int = 1) -> dict:
-    """The trainer's own jitted, state-donating program: ms/step, compile time and XLA's FLOP count.
+def train_program(images_u8: np.ndarray, batch: int, dtype: str, mesh, steps_per_dispatch: int):
+    """The trainer's jitted, state-donating program on ``mesh`` and fresh inputs for it.
 
-    ``steps_per_dispatch`` steps run per program, as the trainer's ``--steps-per-dispatch``;
-    ``steps_per_repeat`` is rounded to a multiple of it.
+    Returns (program, (state, acc, images, keys)): ``steps_per_dispatch`` steps per call, as
+    the trainer's ``--steps-per-dispatch``.
     """
     config = Config(batch_size=batch, warmup_steps=0)
     tx = make_optimizer(config)
-    mesh = devices.data_mesh(batch) if all_devices else jax.sharding.Mesh(jax.devices()[:1], ("data",))
     state = jax.device_put(create_state(init_variables(jax.random.key(0))["params"], tx), devices.replicated(mesh))
     acc = jax.device_put(new_accumulator(), devices.replicated(mesh))
     images = jax.device_put(images_u8, devices.replicated(mesh))
     keys = tuple(jax.random.split(jax.random.key(1)))
     program = jax.jit(functools.partial(train_steps, steps=steps_per_dispatch, model=Unet(dtype=DTYPES[dtype]), tx=tx,
-                                        schedule=linear_schedule(), batch_size=batch, ema_decay=0.999,
+                                        schedule=linear_schedule(), batch_size=batch, ema_decay=config.ema_decay,
                                         sharding=devices.batch_sharding(mesh)),
                       donate_argnums=(0, 1))
+    return program, (state, acc, images, keys)
+
+
+def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_devices: bool, steps_per_repeat: int,
+                    repeats: int, steps_per_dispatch: int = 1) -> dict:
+    """The trainer's own program: ms/step, compile time and XLA's FLOP count.
+
+    ``steps_per_repeat`` is rounded to a multiple of ``steps_per_dispatch``.
+    """
+    mesh = devices.data_mesh(batch) if all_devices else jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    program, (state, acc, images, keys) = train_program(images_u8, batch, dtype, mesh, steps_per_dispatch)
     lowered = program.lower(state, acc, images, keys)
     compiled, compile_s = timed(lowered.compile)
     # Of the whole, unpartitioned program (a compiled SPMD program counts one device), per step.
@@ -67,7 +76,7 @@ def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_device
     holder = {"state": state, "acc": acc}
     dispatches = max(1, round(steps_per_repeat / steps_per_dispatch))
 
-    wait = devices.needs_one_step_in_flight(mesh)  # as the trainer does, see unet_jax/train.py
+    wait = devices.needs_one_dispatch_in_flight(mesh)  # as the trainer does, see unet_jax/train.py
 
     def run():
         for _ in range(dispatches):

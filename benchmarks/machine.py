@@ -25,7 +25,8 @@ def cpu_has_bfloat16() -> bool:
     """Whether the CPU computes in bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16)."""
     if not os.path.exists("/proc/cpuinfo"):
         return False
-    found = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", open("/proc/cpuinfo").read(), re.M)
+    with open("/proc/cpuinfo") as f:
+        found = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", f.read(), re.M)
     return bool(found and set(found.group(1).split()) & {"avx512_bf16", "amx_bf16", "bf16"})
 
 

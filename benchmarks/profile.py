@@ -10,7 +10,6 @@ This is the measurement behind the README's account of what bounds the train ste
 
 import argparse
 import collections
-import functools
 import glob
 import gzip
 import json
@@ -21,10 +20,8 @@ import tempfile
 
 import jax
 
-from unet_jax import data, devices
-from unet_jax.model import Unet, init_variables
-from unet_jax.schedule import linear_schedule
-from unet_jax.train import Config, create_state, make_optimizer, new_accumulator, train_steps
+from benchmarks.jax_bench import train_program
+from unet_jax import data
 
 # Executed ops are named after their HLO instruction; the name's stem says what kind it is.
 KINDS = (
@@ -32,7 +29,7 @@ KINDS = (
     ("layout copies (transposes, copies)", r"transpose|copy"),
     ("concatenations", r"^concatenate"),
     ("all-reduce", r"^all-reduce"),
-    ("elementwise and reduction fusions", r"fusion|^(reduce|add|multiply|select|maximum|broadcast)"),
+    ("elementwise and reduction fusions (GroupNorm, ReLU, Adam, ...)", r"fusion|^(reduce|add|multiply|select|maximum|broadcast)"),
 )
 
 
@@ -45,17 +42,9 @@ def kind_of(op_name: str) -> str:
 
 def profile_step(batch: int, steps_per_dispatch: int, dispatches: int, trace_dir: str) -> int:
     """Trace ``dispatches`` programs of ``steps_per_dispatch`` steps; returns the minor page faults in them."""
-    config = Config(batch_size=batch, warmup_steps=0)
-    tx = make_optimizer(config)
     mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
-    state = jax.device_put(create_state(init_variables(jax.random.key(0))["params"], tx), devices.replicated(mesh))
-    acc = jax.device_put(new_accumulator(), devices.replicated(mesh))
-    images = jax.device_put(data.load_bundled("train").images, devices.replicated(mesh))
-    keys = tuple(jax.random.split(jax.random.key(1)))
-    program = jax.jit(functools.partial(train_steps, steps=steps_per_dispatch, model=Unet(), tx=tx,
-                                        schedule=linear_schedule(), batch_size=batch, ema_decay=0.999,
-                                        sharding=devices.batch_sharding(mesh)),
-                      donate_argnums=(0, 1))
+    program, (state, acc, images, keys) = train_program(data.load_bundled("train").images, batch, "float32", mesh,
+                                                        steps_per_dispatch)
     for _ in range(2):  # compile and warm up outside the trace
         state, acc = program(state, acc, images, keys)
     jax.block_until_ready(acc)

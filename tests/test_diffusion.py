@@ -115,9 +115,9 @@ def test_torch_samplers_match_the_jax_ones(sampler):
         x_T = jax.random.normal(jax.random.key(1), (2, 4, 4, 1), jnp.float64)
 
         def torch_eps(x, t):
-            return torch.from_numpy(np.asarray(_eps(jnp.asarray(x.numpy()), jnp.asarray(t.numpy()))))
+            return torch.from_numpy(np.array(_eps(jnp.asarray(x.numpy()), jnp.asarray(t.numpy()))))
 
-        x_torch = torch.from_numpy(np.asarray(x_T))
+        x_torch = torch.from_numpy(np.array(x_T))  # a writable copy
         if sampler == "ddim":  # deterministic at eta = 0: the two must agree to rounding
             ours = ddim_sample(_eps, s, jax.random.key(0), x_T, steps=4, clip_x0=True)
             theirs = torch_diffusion.ddim_sample(torch_eps, s, x_torch, 4, clip_x0=True)

@@ -53,12 +53,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
-def test_steps_per_dispatch_equals_one_step_per_dispatch(tmp_path):
+def test_steps_per_dispatch_equals_one_step_per_dispatch(tmp_path, capsys):
     # Chunks of 3 around log boundaries every 4 steps: 3+1, 3+1, 1+1 steps per dispatch.
     config = Config(steps=10, ckpt_every=0, **(TINY | {"log_every": 4}))
     one = train(dataclasses.replace(config, workdir=str(tmp_path / "one"), steps_per_dispatch=1))
     scanned = train(dataclasses.replace(config, workdir=str(tmp_path / "scan"), steps_per_dispatch=3))
     assert int(scanned.step) == 10
+    assert "note: --log-every 4 not a multiple of --steps-per-dispatch 3" in capsys.readouterr().out
     # The scanned body fuses differently, so float32 sums round differently (~1e-7). Adam turns
     # that into a visible share of an lr-sized step where a gradient is ~0 (conv biases before a
     # GroupNorm), as across device counts (tests/test_scaling.py); measured here: 2e-5 of the norm.

@@ -99,8 +99,8 @@ def data_mesh(batch_size: int) -> Mesh:
     return Mesh(local[:count], ("data",))
 
 
-def needs_one_step_in_flight(mesh: Mesh) -> bool:
-    """Whether a training loop must wait for each step: collectives over several CPU devices."""
+def needs_one_dispatch_in_flight(mesh: Mesh) -> bool:
+    """Whether a training loop must wait for each dispatch: collectives over several CPU devices."""
     return mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
 
 
