@@ -1,7 +1,5 @@
 """The JAX side of the benchmark: the trainer's own jitted step and sampler."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +9,7 @@ from unet_jax import devices
 from unet_jax.model import Unet, init_variables
 from unet_jax.sample import generate
 from unet_jax.schedule import linear_schedule
-from unet_jax.train import Config, create_state, make_optimizer, new_accumulator, train_steps
+from unet_jax.train import Config, create_state, jit_train_steps, make_optimizer, new_accumulator
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -53,10 +51,8 @@ def train_program(images_u8: np.ndarray, batch: int, dtype: str, mesh, steps_per
     acc = jax.device_put(new_accumulator(), devices.replicated(mesh))
     images = jax.device_put(images_u8, devices.replicated(mesh))
     keys = tuple(jax.random.split(jax.random.key(1)))
-    program = jax.jit(functools.partial(train_steps, steps=steps_per_dispatch, model=Unet(dtype=DTYPES[dtype]), tx=tx,
-                                        schedule=linear_schedule(), batch_size=batch, ema_decay=config.ema_decay,
-                                        sharding=devices.batch_sharding(mesh)),
-                      donate_argnums=(0, 1))
+    program = jit_train_steps(steps_per_dispatch, model=Unet(dtype=DTYPES[dtype]), tx=tx, schedule=linear_schedule(),
+                              batch_size=batch, ema_decay=config.ema_decay, sharding=devices.batch_sharding(mesh))
     return program, (state, acc, images, keys)
 
 

@@ -57,20 +57,20 @@ def test_steps_per_dispatch_equals_one_step_per_dispatch(tmp_path, capsys):
     # Chunks of 3 around log boundaries every 4 steps: 3+1, 3+1, 1+1 steps per dispatch.
     config = Config(steps=10, ckpt_every=0, **(TINY | {"log_every": 4}))
     one = train(dataclasses.replace(config, workdir=str(tmp_path / "one"), steps_per_dispatch=1))
-    scanned = train(dataclasses.replace(config, workdir=str(tmp_path / "scan"), steps_per_dispatch=3))
-    assert int(scanned.step) == 10
+    chunked = train(dataclasses.replace(config, workdir=str(tmp_path / "chunked"), steps_per_dispatch=3))
+    assert int(chunked.step) == 10
     assert "note: --log-every 4 not a multiple of --steps-per-dispatch 3" in capsys.readouterr().out
-    # The scanned body fuses differently, so float32 sums round differently (~1e-7). Adam turns
+    # The 3-step program fuses differently, so float32 sums round differently (~1e-7). Adam turns
     # that into a visible share of an lr-sized step where a gradient is ~0 (conv biases before a
     # GroupNorm), as across device counts (tests/test_scaling.py); measured here: 2e-5 of the norm.
     for key in ("params", "ema_params"):
-        a, b = jax.tree.leaves(getattr(one, key)), jax.tree.leaves(getattr(scanned, key))
+        a, b = jax.tree.leaves(getattr(one, key)), jax.tree.leaves(getattr(chunked, key))
         diff = np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, b)))
         norm = np.sqrt(sum(np.sum(x**2) for x in a))
         assert diff <= 1e-4 * norm, (key, diff, norm)
-    rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "scan")}
-    assert [r["step"] for r in rows["scan"]] == [r["step"] for r in rows["one"]] == [4, 8, 10]
-    np.testing.assert_allclose([r["loss"] for r in rows["scan"]], [r["loss"] for r in rows["one"]], rtol=1e-6)
+    rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "chunked")}
+    assert [r["step"] for r in rows["chunked"]] == [r["step"] for r in rows["one"]] == [4, 8, 10]
+    np.testing.assert_allclose([r["loss"] for r in rows["chunked"]], [r["loss"] for r in rows["one"]], rtol=1e-6)
 
 
 def test_dispatches_stop_at_every_log_checkpoint_and_sample():
