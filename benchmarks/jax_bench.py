@@ -39,7 +39,7 @@ def _gflops(fn, flops, repeats):
     return flops / timing["median_s"] / 1e9
 
 
-def train_program(images_u8: np.ndarray, batch: int, dtype: str, mesh, steps_per_dispatch: int):
+def train_program(images_u8: np.ndarray, batch: int, dtype: str, mesh, steps_per_dispatch: int, conv="xla"):
     """The trainer's jitted, state-donating program on ``mesh`` and fresh inputs for it.
 
     Returns (program, (state, acc, images, keys)): ``steps_per_dispatch`` steps per call, as
@@ -51,19 +51,19 @@ def train_program(images_u8: np.ndarray, batch: int, dtype: str, mesh, steps_per
     acc = jax.device_put(new_accumulator(), devices.replicated(mesh))
     images = jax.device_put(images_u8, devices.replicated(mesh))
     keys = tuple(jax.random.split(jax.random.key(1)))
-    program = jit_train_steps(steps_per_dispatch, model=Unet(dtype=DTYPES[dtype]), tx=tx, schedule=linear_schedule(),
+    program = jit_train_steps(steps_per_dispatch, model=Unet(conv=conv, dtype=DTYPES[dtype]), tx=tx, schedule=linear_schedule(),
                               batch_size=batch, ema_decay=config.ema_decay, sharding=devices.batch_sharding(mesh))
     return program, (state, acc, images, keys)
 
 
 def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_devices: bool, steps_per_repeat: int,
-                    repeats: int, steps_per_dispatch: int = 1) -> dict:
+                    repeats: int, steps_per_dispatch: int = 1, conv="xla") -> dict:
     """The trainer's own program: ms/step, compile time and XLA's FLOP count.
 
     ``steps_per_repeat`` is rounded to a multiple of ``steps_per_dispatch``.
     """
     mesh = devices.data_mesh(batch) if all_devices else jax.sharding.Mesh(jax.devices()[:1], ("data",))
-    program, (state, acc, images, keys) = train_program(images_u8, batch, dtype, mesh, steps_per_dispatch)
+    program, (state, acc, images, keys) = train_program(images_u8, batch, dtype, mesh, steps_per_dispatch, conv)
     lowered = program.lower(state, acc, images, keys)
     compiled, compile_s = timed(lowered.compile)
     # Of the whole, unpartitioned program (a compiled SPMD program counts one device), per step.

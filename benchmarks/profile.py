@@ -40,11 +40,11 @@ def kind_of(op_name: str) -> str:
     return "other"
 
 
-def profile_step(batch: int, steps_per_dispatch: int, dispatches: int, trace_dir: str) -> int:
+def profile_step(batch: int, steps_per_dispatch: int, dispatches: int, trace_dir: str, conv="xla") -> int:
     """Trace ``dispatches`` programs of ``steps_per_dispatch`` steps; returns the minor page faults in them."""
     mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
     program, (state, acc, images, keys) = train_program(data.load_bundled("train").images, batch, "float32", mesh,
-                                                        steps_per_dispatch)
+                                                        steps_per_dispatch, conv)
     for _ in range(2):  # compile and warm up outside the trace
         state, acc = program(state, acc, images, keys)
     jax.block_until_ready(acc)
@@ -77,10 +77,11 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=64, help="per device: 64 is batch 128 over two devices")
     parser.add_argument("--steps-per-dispatch", type=int, default=1)
     parser.add_argument("--dispatches", type=int, default=3)
+    parser.add_argument("--conv", default="xla")
     parser.add_argument("--top", type=int, default=10, help="also list this many of the slowest single ops")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as trace_dir:
-        faults = profile_step(args.batch, args.steps_per_dispatch, args.dispatches, trace_dir)
+        faults = profile_step(args.batch, args.steps_per_dispatch, args.dispatches, trace_dir, args.conv)
         times = op_times(trace_dir)
     steps = args.steps_per_dispatch * args.dispatches
     by_kind = collections.Counter()

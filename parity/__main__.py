@@ -11,6 +11,7 @@ import sys
 import jax
 
 from parity.compare import build_torch_model, compare, format_table
+from unet_jax.layers import CONV_LOWERINGS
 
 
 def main(argv=None) -> int:
@@ -20,14 +21,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", help="a torch state_dict (.pt/.pth/.safetensors) to compare instead of a random init")
     parser.add_argument("--reference-layers", action="store_true", help="use plain Flax/lax pools and transposed convs")
+    parser.add_argument("--conv", choices=sorted(CONV_LOWERINGS), default="xla",
+                        help="the Flax side's 3x3 conv lowering (default %(default)s)")
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be at least 1")
 
     with jax.enable_x64(args.dtype == "float64"):
         model = build_torch_model(args.seed, args.dtype, args.weights)
-        rows = compare(model, seed=args.seed, batch=args.batch, dtype=args.dtype, fast=not args.reference_layers)
-    print(f"parity: torch reference vs Flax port, {args.dtype}, batch {args.batch}, seed {args.seed}")
+        rows = compare(model, seed=args.seed, batch=args.batch, dtype=args.dtype, fast=not args.reference_layers,
+                       conv=args.conv)
+    print(f"parity: torch reference vs Flax port, {args.dtype}, batch {args.batch}, seed {args.seed}, "
+          f"3x3 conv lowering {args.conv}")
     print(format_table(rows))
     failed = [r.name for r in rows if not r.passed]
     skipped = [r.name for r in rows if r.skipped]

@@ -117,8 +117,12 @@ def build_torch_model(seed: int, dtype: str, weights=None):
     return model.to(TORCH_DTYPES[dtype])
 
 
-def compare(model, *, seed: int = 0, batch: int = 8, dtype: str = "float32", fast: bool = True) -> list[Row]:
-    """Compare ``model`` (a torch Unet) with its Flax port on one batch; needs x64 for float64."""
+def compare(model, *, seed: int = 0, batch: int = 8, dtype: str = "float32", fast: bool = True,
+            conv: str = "xla") -> list[Row]:
+    """Compare ``model`` (a torch Unet) with its Flax port on one batch; needs x64 for float64.
+
+    ``conv`` is the Flax side's 3x3 conv lowering (a name in ``unet_jax.layers.CONV_LOWERINGS``).
+    """
     if dtype == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("float64 parity needs jax_enable_x64: run under jax.enable_x64(True)")
     act_tol, grad_tol = TOLERANCES[dtype]
@@ -133,7 +137,7 @@ def compare(model, *, seed: int = 0, batch: int = 8, dtype: str = "float32", fas
     ref_grads = {k: p.grad for k, p in model.named_parameters()}
 
     # jax: the same, NHWC
-    ours, grads = _jax_forward_and_grads(Unet(fast=fast), variables, _nchw_to_nhwc(x), t, _nchw_to_nhwc(noise))
+    ours, grads = _jax_forward_and_grads(Unet(fast=fast, conv=conv), variables, _nchw_to_nhwc(x), t, _nchw_to_nhwc(noise))
     grads = flax_to_torch(grads)
     margin = max_pool_margin(model, torch.from_numpy(x))
     skip = ""

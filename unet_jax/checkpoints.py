@@ -11,7 +11,10 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from unet_jax.layers import ConvPlan
+
 CONFIG_FILE = "config.json"
+CONV_PLAN_FILE = "conv_plan.json"
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -37,11 +40,31 @@ def read_config(workdir: str) -> dict | None:
 
 
 def write_config(workdir: str, config: dict) -> None:
-    """Atomically write config.json (a crash never leaves half a file)."""
-    path = os.path.join(workdir, CONFIG_FILE)
+    _write_json(os.path.join(workdir, CONFIG_FILE), config)
+
+
+def _write_json(path: str, obj) -> None:
+    """Atomically (a crash never leaves half a file)."""
     with open(path + ".tmp", "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+        json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
+
+
+def read_conv_plan(workdir: str) -> ConvPlan | None:
+    """The 3x3 conv lowerings the run in ``workdir`` used, if it recorded them."""
+    path = os.path.join(workdir, CONV_PLAN_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return ConvPlan.from_json(json.load(f))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise IncompatibleWorkdirError(f"{path} is not a record of 3x3 conv lowerings ({error}); delete it, "
+                                       "or choose with --conv") from None
+
+
+def write_conv_plan(workdir: str, plan: ConvPlan) -> None:
+    _write_json(os.path.join(workdir, CONV_PLAN_FILE), plan.to_json())
 
 
 def has_checkpoints(workdir: str) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from unet_jax import checkpoints, data, devices
+from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.layers import max_pool
 from unet_jax.sample import generate_on_local_devices, to_uint8
 
@@ -171,6 +171,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sample-steps", type=int, default=100)
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    autotune.add_conv_flag(parser)
     parser.add_argument("--raw", action="store_true",
                         help="evaluate the raw weights instead of the EMA (writes eval_raw.json, eval_raw_samples.png)")
     args = parser.parse_args(argv)
@@ -193,7 +194,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {error}") from None
     classifier, acc, held_out = load_or_train_classifier(source, args.classifier_dir)
     samples = generate_on_local_devices(params, jax.random.key(args.seed), num=args.num, sampler=args.sampler,
-                                        steps=args.sample_steps, n_T=n_T, eta=args.eta)
+                                        steps=args.sample_steps, n_T=n_T, eta=args.eta, conv=args.conv)
     reference = np.asarray(data.to_model_range(jnp.asarray(held_out.images)))
     report = sample_report(classifier, samples, reference)
     weights = "state_dict" if args.torch_checkpoint else ("raw" if args.raw else "ema")

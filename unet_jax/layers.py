@@ -1,6 +1,6 @@
-"""Exact, XLA-friendly versions of the three layers whose plain forms are slow on XLA:CPU.
+"""Exact, XLA-friendly versions of the layers whose plain forms are slow on XLA:CPU.
 
-Every layer here has a ``fast`` switch. ``fast=False`` is the straightforward Flax/lax form
+The pools and the transposed convolution have a ``fast`` switch. ``fast=False`` is the straightforward Flax/lax form
 (``lax.conv_transpose``, ``nn.max_pool``, ``nn.avg_pool``); ``fast=True`` is a reformulation
 that computes the same numbers. Both read the same parameters, so one set of weights serves
 either, and ``tests/test_layers.py`` holds them to each other.
@@ -9,12 +9,20 @@ Why: on XLA:CPU the gradient of a transposed convolution takes a naive path (hun
 per layer here), and max-pool's backward (``select_and_scatter``) is about 9x slower than a
 reshape and a max. In this network every pool has stride == window and every transposed
 convolution has stride == kernel, so windows never overlap and both become reshapes.
+
+The 3x3 convolution (``Conv3x3``) has several exact lowerings instead, since none is fastest
+everywhere: XLA:CPU's own convolution wins where its gradient convolutions take a fast path,
+and loses several-fold where they do not (``benchmarks/README.md`` has both machines).
+``unet_jax.autotune`` picks one per layer shape by timing them on the machine.
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Dtype = Any
@@ -84,3 +92,174 @@ class ConvTranspose(nn.Module):
             padding = ((k - 1, k - 1 + pad), (k - 1, k - 1 + pad))
             y = lax.conv_transpose(x_BxHxWxI, kernel_KxKxOxI, (k, k), padding, transpose_kernel=True)
         return y + bias_O
+
+
+# ------------------------------------------------------------------ 3x3 convolution, padding 1
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv3x3_xla(x_BxHxWxI, kernel_3x3xIxO):
+    """XLA's own convolution; autodiff adds two gradient convolutions."""
+    return lax.conv_general_dilated(x_BxHxWxI, kernel_3x3xIxO, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+def _taps(x_BxHxWxI):
+    """The nine shifted (B, H, W, I) views of the zero-padded input, in kernel order (row, column)."""
+    _, h, w, _ = x_BxHxWxI.shape
+    padded = jnp.pad(x_BxHxWxI, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return [padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
+
+
+@jax.custom_vjp
+def conv3x3_tapgrad(x_BxHxWxI, kernel_3x3xIxO):
+    """XLA's convolution forward and for the input gradient; the weight gradient as nine matmuls.
+
+    JAX's weight-gradient convolution swaps batch and feature dimensions, which XLA:CPU runs as
+    a convolution with an HxW "kernel", far slower than the forward on some CPUs. Per tap the
+    weight gradient is just (shifted x)^T @ dy, contracted over B*H*W.
+    """
+    return conv3x3_xla(x_BxHxWxI, kernel_3x3xIxO)
+
+
+def _tapgrad_forward(x, kernel):
+    return conv3x3_xla(x, kernel), (x, kernel)
+
+
+def _tapgrad_backward(residuals, dy_BxHxWxO):
+    x, kernel = residuals
+    # The input gradient is a canonical convolution of dy with the flipped, in/out-swapped kernel.
+    dx = conv3x3_xla(dy_BxHxWxO, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    in_ch, out_ch = kernel.shape[2:]
+    dy_NxO = dy_BxHxWxO.reshape(-1, out_ch)
+    taps_NxI = [tap.reshape(-1, in_ch) for tap in _taps(x)]
+    # Both operands contract over their major dimension, so XLA transposes one of them to feed
+    # the matmul: let it be the narrower one (dy of the 1-channel output layer is free).
+    if out_ch < in_ch:
+        dkernel = jnp.stack([jnp.dot(dy_NxO.T, tap).T for tap in taps_NxI])
+    else:
+        dkernel = jnp.stack([jnp.dot(tap.T, dy_NxO) for tap in taps_NxI])
+    return dx, dkernel.reshape(kernel.shape)
+
+
+conv3x3_tapgrad.defvjp(_tapgrad_forward, _tapgrad_backward)
+
+
+def conv3x3_im2col(x_BxHxWxI, kernel_3x3xIxO):
+    """The nine taps side by side on channels, then one (B*H*W, 9I) @ (9I, O) matmul."""
+    b, h, w, in_ch = x_BxHxWxI.shape
+    columns = jnp.concatenate(_taps(x_BxHxWxI), axis=-1).reshape(-1, 9 * in_ch)
+    return jnp.dot(columns, kernel_3x3xIxO.reshape(9 * in_ch, -1)).reshape(b, h, w, -1)
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray, 2016): Y = A^T [(G g G^T) * (B^T d B)] A per 4x4 input tile.
+_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
+
+
+def _combine(matrix, arrays):
+    """[sum_j matrix[i, j] * arrays[j] for each row i], as adds and subtracts (the entries are 0 and +-1)."""
+    out = []
+    for row in matrix:
+        terms = [(coefficient, a) for coefficient, a in zip(row, arrays) if coefficient]
+        total = terms[0][1] if terms[0][0] == 1 else -terms[0][1]
+        for coefficient, a in terms[1:]:
+            total = total + a if coefficient == 1 else total - a
+        out.append(total)
+    return out
+
+
+def conv3x3_winograd(x_BxHxWxI, kernel_3x3xIxO):
+    """Winograd F(2x2, 3x3): 16 multiplies per 2x2 outputs where the direct form takes 36.
+
+    The input is cut into 4x4 tiles at stride 2 (strided slices, no gather), transformed by
+    adds, multiplied as 16 batched (tiles, I) @ (I, O) matmuls, and transformed back. Odd
+    sizes pad the last tile and crop it. Exact in exact arithmetic; in floating point the
+    transforms add a little rounding (measured through the whole network by ``python -m parity``).
+    """
+    b, h, w, in_ch = x_BxHxWxI.shape
+    out_ch = kernel_3x3xIxO.shape[-1]
+    th, tw = -(-h // 2), -(-w // 2)  # output tiles
+    padded = jnp.pad(x_BxHxWxI, ((0, 0), (1, 2 * th + 1 - h), (1, 2 * tw + 1 - w), (0, 0)))
+    # d[r][c]: element (r, c) of every input tile, (B, th, tw, I)
+    d = [[padded[:, r:r + 2 * th:2, c:c + 2 * tw:2, :] for c in range(4)] for r in range(4)]
+    rows = [_combine(_WINOGRAD_BT, [d[r][c] for r in range(4)]) for c in range(4)]  # rows[c][xi] = (B^T d)[xi, c]
+    v = [_combine(_WINOGRAD_BT, [rows[c][xi] for c in range(4)]) for xi in range(4)]  # v[xi][nu] = (B^T d B)[xi, nu]
+    v_16xNxI = jnp.stack([v[xi][nu] for xi in range(4) for nu in range(4)]).reshape(16, b * th * tw, in_ch)
+    g = jnp.asarray(_WINOGRAD_G, kernel_3x3xIxO.dtype)
+    u_16xIxO = jnp.einsum("ai,ijco,bj->abco", g, kernel_3x3xIxO, g).reshape(16, in_ch, out_ch)
+    m = lax.dot_general(v_16xNxI, u_16xIxO, (((2,), (1,)), ((0,), (0,)))).reshape(4, 4, b, th, tw, out_ch)
+    cols = [_combine(_WINOGRAD_AT, [m[xi, nu] for xi in range(4)]) for nu in range(4)]  # cols[nu][p]
+    y = [_combine(_WINOGRAD_AT, [cols[nu][p] for nu in range(4)]) for p in range(2)]  # y[p][q]: (B, th, tw, O)
+    tiles = jnp.stack([jnp.stack(y[p], axis=3) for p in range(2)], axis=2)  # (B, th, 2, tw, 2, O)
+    return tiles.reshape(b, 2 * th, 2 * tw, out_ch)[:, :h, :w, :]
+
+
+CONV_LOWERINGS = {
+    "xla": conv3x3_xla,
+    "tapgrad": conv3x3_tapgrad,
+    "im2col": conv3x3_im2col,
+    "winograd": conv3x3_winograd,
+}
+
+
+def conv_shape(height: int, width: int, in_ch: int, out_ch: int) -> str:
+    """The key a ConvPlan holds a layer's lowering under: '28x28 64->64'."""
+    return f"{height}x{width} {in_ch}->{out_ch}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvPlan:
+    """The lowering of each 3x3 convolution, by layer shape; shapes not listed use ``default``."""
+
+    default: str = "xla"
+    by_shape: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        for name in (self.default, *(lowering for _, lowering in self.by_shape)):
+            if name not in CONV_LOWERINGS:
+                raise ValueError(f"expected a 3x3 conv lowering in {sorted(CONV_LOWERINGS)}, got {name!r}")
+
+    def lowering(self, shape: str) -> str:
+        return dict(self.by_shape).get(shape, self.default)
+
+    def to_json(self) -> dict:
+        return {"default": self.default, "by_shape": dict(self.by_shape)}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "ConvPlan":
+        return cls(obj["default"], tuple(sorted(obj["by_shape"].items())))
+
+    def describe(self) -> str:
+        if not self.by_shape:
+            return self.default
+        return ", ".join(f"{shape}: {lowering}" for shape, lowering in self.by_shape)
+
+
+def as_plan(conv: "str | ConvPlan") -> ConvPlan:
+    return conv if isinstance(conv, ConvPlan) else ConvPlan(conv)
+
+
+class Conv3x3(nn.Module):
+    """torch.nn.Conv2d(in, features, 3, padding=1) in NHWC, lowered as ``conv`` says for its shape.
+
+    The parameters are nn.Conv's: ``kernel`` (3, 3, in, features) and ``bias``, with its
+    initialisers, so every lowering reads the same weights and porting does not change.
+    """
+
+    features: int
+    conv: str | ConvPlan = "xla"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x_BxHxWxI):
+        _, h, w, in_ch = x_BxHxWxI.shape
+        kernel = self.param("kernel", self.kernel_init, (3, 3, in_ch, self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x_BxHxWxI, kernel, bias = nn.dtypes.promote_dtype(x_BxHxWxI, kernel, bias, dtype=self.dtype)
+        lowering = as_plan(self.conv).lowering(conv_shape(h, w, in_ch, self.features))
+        return CONV_LOWERINGS[lowering](x_BxHxWxI, kernel) + bias

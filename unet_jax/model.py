@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from unet_jax.layers import ConvTranspose, avg_pool, max_pool
+from unet_jax.layers import Conv3x3, ConvPlan, ConvTranspose, avg_pool, max_pool
 
 Dtype = Any
 
@@ -23,9 +23,9 @@ IMAGE_SHAPE = (28, 28, 1)
 TIME_EMBEDDING_DIM = 128
 
 
-def conv3x3(features: int, dtype: Dtype | None):
+def conv3x3(features: int, conv: str | ConvPlan, dtype: Dtype | None):
     """torch.nn.Conv2d(in, features, 3, 1, 1)."""
-    return nn.Conv(features, (3, 3), strides=1, padding=1, dtype=dtype)
+    return Conv3x3(features, conv=conv, dtype=dtype)
 
 
 def group_norm(dtype: Dtype | None):
@@ -49,10 +49,11 @@ class ConvBlock(nn.Module):
     """Conv 3x3 -> GroupNorm(8) -> ReLU; keeps the spatial size."""
 
     out_channels: int
+    conv: str | ConvPlan = "xla"
     dtype: Dtype | None = None
 
     def setup(self):
-        self.block = [conv3x3(self.out_channels, self.dtype), group_norm(self.dtype), nn.relu]
+        self.block = [conv3x3(self.out_channels, self.conv, self.dtype), group_norm(self.dtype), nn.relu]
 
     def __call__(self, x):
         return sequential(self.block, x)
@@ -64,11 +65,12 @@ class UnetDown(nn.Module):
     out_channels: int
     downscale: int = 2
     fast: bool = True
+    conv: str | ConvPlan = "xla"
     dtype: Dtype | None = None
 
     def setup(self):
         self.model = [
-            ConvBlock(self.out_channels, self.dtype),
+            ConvBlock(self.out_channels, self.conv, self.dtype),
             functools.partial(max_pool, window=self.downscale, fast=self.fast),
         ]
 
@@ -80,13 +82,14 @@ class Encoder(nn.Module):
     """28x28x1 -> 28x28x64 -> 14x14x64 -> 7x7x128 -> 3x3x128 -> 1x1x128."""
 
     fast: bool = True
+    conv: str | ConvPlan = "xla"
     dtype: Dtype | None = None
 
     def setup(self):
-        self.initial_features = [conv3x3(64, self.dtype), group_norm(self.dtype), nn.relu]
-        self.down1 = UnetDown(64, downscale=2, fast=self.fast, dtype=self.dtype)
-        self.down2 = UnetDown(128, downscale=2, fast=self.fast, dtype=self.dtype)
-        self.down3 = UnetDown(128, downscale=2, fast=self.fast, dtype=self.dtype)
+        self.initial_features = [conv3x3(64, self.conv, self.dtype), group_norm(self.dtype), nn.relu]
+        self.down1 = UnetDown(64, downscale=2, fast=self.fast, conv=self.conv, dtype=self.dtype)
+        self.down2 = UnetDown(128, downscale=2, fast=self.fast, conv=self.conv, dtype=self.dtype)
+        self.down3 = UnetDown(128, downscale=2, fast=self.fast, conv=self.conv, dtype=self.dtype)
         self.down4 = [functools.partial(avg_pool, window=3, fast=self.fast), nn.relu]
 
     def __call__(self, x_Bx28x28x1):
@@ -106,12 +109,13 @@ class UnetUp(nn.Module):
     upscale: int = 2
     extra_dim: int = 0
     fast: bool = True
+    conv: str | ConvPlan = "xla"
     dtype: Dtype | None = None
 
     def setup(self):
         self.model = [
             ConvTranspose(self.out_channels, self.upscale, self.extra_dim, fast=self.fast, dtype=self.dtype),
-            ConvBlock(self.out_channels, self.dtype),
+            ConvBlock(self.out_channels, self.conv, self.dtype),
         ]
 
     def __call__(self, x, skip):
@@ -122,15 +126,16 @@ class Decoder(nn.Module):
     """1x1x128 -> 3x3x128 -> 7x7x128 -> 14x14x64 -> 28x28x64 -> 28x28x1, with skips."""
 
     fast: bool = True
+    conv: str | ConvPlan = "xla"
     dtype: Dtype | None = None
 
     def setup(self):
         # The first decoder layer has no skip connection.
         self.up1 = [ConvTranspose(128, 3, fast=self.fast, dtype=self.dtype), group_norm(self.dtype), nn.relu]
-        self.up2 = UnetUp(128, upscale=2, extra_dim=1, fast=self.fast, dtype=self.dtype)
-        self.up3 = UnetUp(64, upscale=2, fast=self.fast, dtype=self.dtype)
-        self.up4 = UnetUp(64, upscale=2, fast=self.fast, dtype=self.dtype)
-        self.out = conv3x3(1, self.dtype)
+        self.up2 = UnetUp(128, upscale=2, extra_dim=1, fast=self.fast, conv=self.conv, dtype=self.dtype)
+        self.up3 = UnetUp(64, upscale=2, fast=self.fast, conv=self.conv, dtype=self.dtype)
+        self.up4 = UnetUp(64, upscale=2, fast=self.fast, conv=self.conv, dtype=self.dtype)
+        self.out = conv3x3(1, self.conv, self.dtype)
 
     def __call__(self, latent, d3, d2, d1, x_f):
         u1 = sequential(self.up1, latent)
@@ -160,16 +165,19 @@ class Unet(nn.Module):
     """eps_hat = Unet()(x, t): x is (B, 28, 28, 1) NHWC, t is (B,) holding timestep / n_T.
 
     ``fast=False`` swaps in the plain Flax/lax pools and transposed convolutions (same
-    parameters, same numbers, slower on CPU). ``dtype`` is the compute dtype (e.g.
+    parameters, same numbers, slower on CPU). ``conv`` lowers the 3x3 convolutions: a name
+    from ``layers.CONV_LOWERINGS`` for all of them, or a ``ConvPlan`` per layer shape (what
+    ``unet_jax.autotune`` measures); every choice reads the same parameters. ``dtype`` is the compute dtype (e.g.
     ``jnp.bfloat16``); parameters keep the dtype they were initialised or ported in.
     """
 
     fast: bool = True
+    conv: str | ConvPlan = "xla"
     dtype: Dtype | None = None
 
     def setup(self):
-        self.encoder = Encoder(fast=self.fast, dtype=self.dtype)
-        self.decoder = Decoder(fast=self.fast, dtype=self.dtype)
+        self.encoder = Encoder(fast=self.fast, conv=self.conv, dtype=self.dtype)
+        self.decoder = Decoder(fast=self.fast, conv=self.conv, dtype=self.dtype)
         self.time_embedding_layer = TimeEmbedding(TIME_EMBEDDING_DIM, dtype=self.dtype)
 
     def __call__(self, x, t):

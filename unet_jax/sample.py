@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from unet_jax import checkpoints, devices
+from unet_jax import autotune, checkpoints, devices
 from unet_jax.diffusion import ddim_sample, ddpm_sample
 from unet_jax.model import IMAGE_SHAPE, Unet
 from unet_jax.schedule import linear_schedule
@@ -45,11 +45,16 @@ def generate(params, key, *, model: Unet, num: int, sampler: str = "ddim", steps
     return jnp.clip(x_0, -1.0, 1.0)
 
 
-def generate_on_local_devices(params, key, *, num: int, **kwargs) -> np.ndarray:
-    """``generate`` with ``Unet()``, the images split over this process's devices (as many as divide ``num``)."""
+def generate_on_local_devices(params, key, *, num: int, conv: str = "auto", **kwargs) -> np.ndarray:
+    """``generate``, the images split over this process's devices (as many as divide ``num``).
+
+    ``conv`` is the 3x3 conv lowering (``--conv``): 'auto' takes the fastest forward on this machine.
+    """
     mesh = devices.data_mesh(num)
+    plan = autotune.resolve(conv, num // mesh.devices.size, "sample", mesh=mesh)
     params = jax.device_put(params, devices.replicated(mesh))
-    return np.asarray(generate(params, key, model=Unet(), num=num, sharding=devices.batch_sharding(mesh), **kwargs))
+    return np.asarray(generate(params, key, model=Unet(conv=plan), num=num, sharding=devices.batch_sharding(mesh),
+                               **kwargs))
 
 
 def to_uint8(images) -> np.ndarray:
@@ -82,6 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--out", default=None, help="output prefix (default WORKDIR/samples/final)")
+    autotune.add_conv_flag(parser)
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error("--num must be at least 1")
@@ -89,7 +95,7 @@ def main(argv=None) -> None:
     config, restored = checkpoints.restore_latest_params(args.workdir)
     images = generate_on_local_devices(restored["params" if args.raw else "ema_params"], jax.random.key(args.seed),
                                        num=args.num, sampler=args.sampler, steps=args.sample_steps,
-                                       n_T=config["n_T"], eta=args.eta, clip_x0=not args.no_clip_x0)
+                                       n_T=config["n_T"], eta=args.eta, clip_x0=not args.no_clip_x0, conv=args.conv)
     out = args.out or os.path.join(args.workdir, "samples", "final")
     save_grid(images, out + ".png")
     np.save(out + ".npy", np.asarray(images))

@@ -21,12 +21,14 @@ import time
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from unet_jax import checkpoints, data, devices
+from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.diffusion import draw_timesteps_and_noise, noise_prediction_loss
+from unet_jax.layers import ConvPlan
 from unet_jax.model import Unet, init_variables
 from unet_jax.sample import generate, save_grid
 from unet_jax.schedule import N_T, Schedule, linear_schedule
@@ -58,6 +60,7 @@ class Config:
     num_samples: int = 64
     log_every: int = 50
     steps_per_dispatch: int = 5  # K steps in one device program; see train_steps
+    conv: str = "auto"  # 3x3 conv lowering; auto: measured on this machine (unet_jax.autotune)
 
 
 IDENTITY = ("batch_size", "lr", "warmup_steps", "decay_steps", "seed", "data", "ema_decay", "dtype", "n_T", "init_from")
@@ -215,7 +218,7 @@ def train(config: Config) -> TrainState:
         checkpoints.write_config(config.workdir, identity)
 
     init_key, data_key, noise_key, sample_key = run_keys(config.seed)
-    model = Unet(dtype=DTYPES[config.dtype])
+    model = Unet(conv=_conv_plan(config, mesh), dtype=DTYPES[config.dtype])
     schedule = linear_schedule(config.n_T)
     tx = make_optimizer(config)
     latest = mgr.latest_step()
@@ -333,6 +336,25 @@ def train(config: Config) -> TrainState:
         mgr.wait_until_finished()
         mgr.close()
     return state
+
+
+def _conv_plan(config: Config, mesh) -> ConvPlan:
+    """The run's 3x3 conv lowerings: with --conv auto, those the workdir recorded, so that a resumed
+    run computes bit for bit what it would have; else measured (or cached) for this machine."""
+    recorded = checkpoints.read_conv_plan(config.workdir) if config.conv == "auto" else None
+    if recorded is not None:
+        plan, source = recorded, f"as recorded in {config.workdir}"
+    else:
+        local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        local_mesh = jax.sharding.Mesh(np.array(local), ("data",))
+        log = print if devices.is_primary() else (lambda *_: None)
+        plan = autotune.resolve(config.conv, config.batch_size // mesh.devices.size, "train", mesh=local_mesh, log=log)
+        plan = autotune.agree_across_processes(plan)
+        source = "autotuned for this machine" if config.conv == "auto" else "--conv"
+    if devices.is_primary():
+        print(f"3x3 conv lowerings ({source}): {plan.describe()}")
+        checkpoints.write_conv_plan(config.workdir, plan)
+    return plan
 
 
 def _steps_in_dispatch(config: Config, step: int) -> int:
@@ -470,6 +492,7 @@ def build_parser(*, jax_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive(int), default=d.log_every)
     if not jax_flags:
         return p
+    autotune.add_conv_flag(p, d.conv)
     p.add_argument("--steps-per-dispatch", type=_positive(int), default=d.steps_per_dispatch, metavar="K",
                    help="K train steps in one device program (default %(default)s; compile time grows with K)")
     g = p.add_argument_group("multi-process runs", "every process runs the same command; see README, Scaling out")

@@ -1,0 +1,252 @@
+"""Pick each 3x3 convolution's lowering by timing them on this machine: ``python -m unet_jax.autotune``.
+
+No lowering of the 3x3 convolution is fastest everywhere (see ``unet_jax/layers.py``), so, as
+cuDNN's autotuner does, every lowering is timed on the network's real layer shapes at the
+run's per-device batch, forward and both gradients for training, forward alone for sampling,
+over the devices the run will use. The fastest per shape makes a ``ConvPlan``.
+
+The plan is cached per machine (CPU model and flags, backend, JAX version, device count,
+per-device batch, mode) in ``$UNET_JAX_CACHE_DIR`` or ``~/.cache/unet_jax``: a warm cache
+measures nothing. A corrupt or foreign cache file is ignored with a warning and rewritten.
+GPUs and TPUs take XLA's own convolution without measuring: their libraries autotune already.
+"""
+
+import argparse
+import concurrent.futures
+import hashlib
+import json
+import os
+import platform
+import re
+import time
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unet_jax import devices
+from unet_jax.layers import CONV_LOWERINGS, Conv3x3, ConvPlan, conv_shape
+from unet_jax.model import IMAGE_SHAPE, Unet
+
+CHOICES = ("auto", *CONV_LOWERINGS)
+MODES = ("train", "sample")
+CACHE_VERSION = 1
+# A candidate whose first run takes this many times the best so far is not timed further.
+CUTOFF = 1.5
+
+
+def conv_layers() -> dict[str, list[str]]:
+    """The Unet's 3x3 convolutions: shape key ('28x28 64->64') -> the module paths that have it."""
+    layers: dict[str, list[str]] = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, Conv3x3) and context.method_name == "__call__":
+            _, h, w, in_ch = args[0].shape
+            layers.setdefault(conv_shape(h, w, in_ch, module.features), []).append("/".join(module.path))
+        return next_fun(*args, **kwargs)
+
+    x = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(Unet().init, jax.random.key(0), x, jnp.zeros((1,), jnp.float32))
+    return layers
+
+
+def parse_shape(key: str) -> tuple[int, int, int, int]:
+    h, w, in_ch, out_ch = map(int, re.fullmatch(r"(\d+)x(\d+) (\d+)->(\d+)", key).groups())
+    return h, w, in_ch, out_ch
+
+
+def _inputs(key: str, batch: int, mode: str, mesh) -> tuple:
+    """Random (x, kernel[, dy]) for one layer shape, x and dy split over the mesh as a batch is."""
+    h, w, in_ch, out_ch = parse_shape(key)
+    keys = jax.random.split(jax.random.key(0), 3)
+    batch_sharding, replicated = devices.batch_sharding(mesh), devices.replicated(mesh)
+    x = jax.device_put(jax.random.normal(keys[0], (batch, h, w, in_ch)), batch_sharding)
+    kernel = jax.device_put(0.05 * jax.random.normal(keys[1], (3, 3, in_ch, out_ch)), replicated)
+    if mode == "sample":
+        return x, kernel
+    return x, kernel, jax.device_put(jax.random.normal(keys[2], (batch, h, w, out_ch)), batch_sharding)
+
+
+def _compile(lowering: str, args: tuple, mode: str):
+    """One layer's program: forward alone (sample), or forward and both gradients (train)."""
+    fn = CONV_LOWERINGS[lowering]
+    if mode == "sample":
+        return jax.jit(fn).lower(*args).compile()
+    return jax.jit(lambda x, k, dy: jax.vjp(fn, x, k)[1](dy)).lower(*args).compile()
+
+
+def _time(program, args: tuple, *, repeats: int, give_up_after: float) -> float:
+    """Seconds per call: the best of ``repeats`` after a warm-up, or the warm-up alone if it took
+    longer than ``give_up_after``."""
+    best = np.inf
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        jax.block_until_ready(program(*args))
+        seconds = time.perf_counter() - start
+        if i == 0 and seconds > give_up_after:
+            return seconds
+        if i:
+            best = min(best, seconds)
+    return best
+
+
+def measure(batch: int, mode: str, mesh, *, repeats: int = 2, log=print) -> tuple[ConvPlan, dict]:
+    """Time every lowering on every layer shape; returns (the fastest per shape, {shape: {lowering: ms}}).
+
+    ``batch`` is the global batch, split over ``mesh``. The programs compile first, on every
+    core at once, so that no compile runs beside a timing.
+    """
+    shapes = list(conv_layers())
+    # XLA's own last: where it is slow it is the slowest by far, and its timing stops after the warm-up.
+    lowerings = sorted(CONV_LOWERINGS, key=lambda name: name == "xla")
+    inputs = {key: _inputs(key, batch, mode, mesh) for key in shapes}
+    jobs = [(key, lowering) for key in shapes for lowering in lowerings]
+    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        programs = dict(zip(jobs, pool.map(lambda job: _compile(job[1], inputs[job[0]], mode), jobs)))
+    table: dict[str, dict[str, float]] = {}
+    for key in shapes:
+        row = table[key] = {}
+        for lowering in lowerings:
+            cutoff = CUTOFF * min(row.values(), default=np.inf) / 1e3
+            row[lowering] = 1e3 * _time(programs[key, lowering], inputs[key], repeats=repeats, give_up_after=cutoff)
+        log(f"  {key:>16}: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in row.items()))
+    by_shape = tuple(sorted((key, min(row, key=row.get)) for key, row in table.items()))
+    return ConvPlan("xla", by_shape), table
+
+
+# ----------------------------------------------------------------------------------- the cache
+
+def cache_path() -> str:
+    root = os.environ.get("UNET_JAX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "unet_jax")
+    return os.path.join(root, "conv_autotune.json")
+
+
+def machine_key(batch: int, mode: str, device_count: int) -> str:
+    """What a measurement depends on: the CPU (model and flags), backend, JAX, devices, batch, mode."""
+    cpu, flags = platform.processor() or platform.machine(), ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        found = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.M)
+        cpu = model.group(1).strip() if model else cpu
+        flags = " ".join(sorted(set(found.group(1).split()))) if found else ""
+    flag_hash = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return (f"{cpu} (flags {flag_hash}) | {jax.default_backend()} | jax {jax.__version__} | {device_count} device(s) "
+            f"| batch {batch} per device | {mode}")
+
+
+def _read_cache(path: str) -> dict:
+    """The cache's entries; a missing file is empty, an unreadable or foreign one is ignored with a warning."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+        if not isinstance(cache, dict) or cache.get("version") != CACHE_VERSION or not isinstance(cache.get("entries"), dict):
+            raise ValueError(f"not a version-{CACHE_VERSION} unet_jax conv autotune cache")
+        for entry in cache["entries"].values():  # every plan must load
+            ConvPlan.from_json(entry["plan"])
+        return cache["entries"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        warnings.warn(f"ignoring the conv autotune cache {path} ({error}); measuring again", stacklevel=3)
+        return {}
+
+
+def _write_cache(path: str, entries: dict) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as error:  # a read-only home must not stop a run: the plan is still used
+        warnings.warn(f"could not write the conv autotune cache {path}: {error.strerror or error}", stacklevel=3)
+
+
+def autotune(batch: int, mode: str = "train", *, mesh=None, remeasure: bool = False, log=print) -> ConvPlan:
+    """The fastest lowering per layer shape at ``batch`` per device: cached, or measured and cached.
+
+    ``mesh`` is the devices the run uses (default: every local device); the measured batch is
+    ``batch`` on each of them.
+    """
+    if mode not in MODES:
+        raise ValueError(f"expected mode in {MODES}, got {mode!r}")
+    if jax.default_backend() != "cpu":
+        return ConvPlan("xla")
+    mesh = mesh or jax.sharding.Mesh(jax.local_devices(), ("data",))
+    count = mesh.devices.size
+    path, key = cache_path(), machine_key(batch, mode, count)
+    entries = _read_cache(path)
+    if key in entries and not remeasure:
+        return ConvPlan.from_json(entries[key]["plan"])
+    log(f"timing the 3x3 conv lowerings ({mode}, batch {batch} per device on {count} device(s)); cached in {path}")
+    start = time.perf_counter()
+    plan, table = measure(batch * count, mode, mesh, log=log)
+    log(f"  chose in {time.perf_counter() - start:.1f} s: {plan.describe()}")
+    entries = _read_cache(path) if os.path.exists(path) else {}  # another run may have written meanwhile
+    entries[key] = {"plan": plan.to_json(), "ms": table, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+    _write_cache(path, entries)
+    return plan
+
+
+def resolve(conv: str, batch: int, mode: str = "train", *, mesh=None, log=print) -> ConvPlan:
+    """``--conv``: 'auto' autotunes (or reads the cache); a lowering's name is used for every layer."""
+    if conv not in CHOICES:
+        raise ValueError(f"expected --conv in {CHOICES}, got {conv!r}")
+    if conv == "auto":
+        return autotune(batch, mode, mesh=mesh, log=log)
+    return ConvPlan(conv)
+
+
+def agree_across_processes(plan: ConvPlan) -> ConvPlan:
+    """Process 0's plan on every process: all processes must compile the same program."""
+    if jax.process_count() == 1:
+        return plan
+    from jax.experimental import multihost_utils
+
+    keys = sorted(conv_layers())
+    names = sorted(CONV_LOWERINGS)
+    codes = np.array([names.index(plan.lowering(k)) for k in keys], np.int32)
+    codes = np.asarray(multihost_utils.broadcast_one_to_all(codes))
+    return ConvPlan("xla", tuple((k, names[int(c)]) for k, c in zip(keys, codes)))
+
+
+def add_conv_flag(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument("--conv", choices=CHOICES, default=default,
+                        help="3x3 conv lowering: 'auto' times them on this machine once and caches the choice "
+                             "(default %(default)s)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m unet_jax.autotune", description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32, help="the run's global batch (default %(default)s, the trainer's)")
+    parser.add_argument("--mode", choices=MODES, default="train", help="train: forward and gradients; sample: forward")
+    parser.add_argument("--remeasure", action="store_true", help="measure even if the cache has this machine")
+    args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error("--batch must be at least 1")
+    devices.use_all_cpu_cores(args.batch)  # as the trainer: a device per core that splits the batch
+    mesh = devices.data_mesh(args.batch)
+    per_device = args.batch // mesh.devices.size
+    plan = autotune(per_device, args.mode, mesh=mesh, remeasure=args.remeasure)
+    entry = _read_cache(cache_path()).get(machine_key(per_device, args.mode, mesh.devices.size))
+    layers = conv_layers()
+    print(f"\n3x3 conv lowerings on {jax.default_backend()}, {args.mode}, batch {per_device} per device on "
+          f"{mesh.devices.size} device(s); ms per call{', from the cache' if not args.remeasure else ''}:\n")
+    names = sorted(CONV_LOWERINGS)
+    print("| layer shape | layers | " + " | ".join(names) + " | chosen |")
+    print("|---|---|" + "---|" * len(names) + "---|")
+    for key, paths in layers.items():
+        ms = (entry or {}).get("ms", {}).get(key, {})
+        cells = [f"{ms[n]:.1f}" if n in ms else "" for n in names]
+        print(f"| {key} | {', '.join(paths)} | " + " | ".join(cells) + f" | {plan.lowering(key)} |")
+
+
+if __name__ == "__main__":
+    main()
