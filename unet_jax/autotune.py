@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from unet_jax import devices
 from unet_jax.layers import CONV_LOWERINGS, Conv3x3, ConvPlan, conv_shape
@@ -71,12 +72,22 @@ def _inputs(key: str, batch: int, mode: str, mesh) -> tuple:
     return x, kernel, jax.device_put(jax.random.normal(keys[2], (batch, h, w, out_ch)), batch_sharding)
 
 
-def _compile(lowering: str, args: tuple, mode: str):
-    """One layer's program: forward alone (sample), or forward and both gradients (train)."""
+def _compile(lowering: str, args: tuple, mode: str, mesh):
+    """One layer's program as the trainer and the sampler run it: forward alone under XLA's
+    partitioner (sample), or forward and both gradients on each device's slice of the batch,
+    the kernel's gradient summed over devices (train, as ``train.apply_update``)."""
     fn = CONV_LOWERINGS[lowering]
     if mode == "sample":
         return jax.jit(fn).lower(*args).compile()
-    return jax.jit(lambda x, k, dy: jax.vjp(fn, x, k)[1](dy)).lower(*args).compile()
+
+    def per_device(x, kernel, dy):
+        dx, dkernel = jax.vjp(fn, x, kernel)[1](dy)
+        return dx, jax.lax.psum(dkernel, "data")
+
+    batch = P("data")
+    program = jax.shard_map(per_device, mesh=mesh, in_specs=(batch, P(), batch), out_specs=(batch, P()),
+                            check_vma=False)
+    return jax.jit(program).lower(*args).compile()
 
 
 def _time(program, args: tuple, *, repeats: int, give_up_after: float) -> float:
@@ -106,7 +117,7 @@ def measure(batch: int, mode: str, mesh, *, repeats: int = 2, log=print) -> tupl
     inputs = {key: _inputs(key, batch, mode, mesh) for key in shapes}
     jobs = [(key, lowering) for key in shapes for lowering in lowerings]
     with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        programs = dict(zip(jobs, pool.map(lambda job: _compile(job[1], inputs[job[0]], mode), jobs)))
+        programs = dict(zip(jobs, pool.map(lambda job: _compile(job[1], inputs[job[0]], mode, mesh), jobs)))
     table: dict[str, dict[str, float]] = {}
     for key in shapes:
         row = table[key] = {}

@@ -130,16 +130,31 @@ def _tapgrad_backward(residuals, dy_BxHxWxO):
     x, kernel = residuals
     # The input gradient is a canonical convolution of dy with the flipped, in/out-swapped kernel.
     dx = conv3x3_xla(dy_BxHxWxO, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    in_ch, out_ch = kernel.shape[2:]
-    dy_NxO = dy_BxHxWxO.reshape(-1, out_ch)
-    taps_NxI = [tap.reshape(-1, in_ch) for tap in _taps(x)]
-    # Both operands contract over their major dimension, so XLA transposes one of them to feed
-    # the matmul: let it be the narrower one (dy of the 1-channel output layer is free).
-    if out_ch < in_ch:
-        dkernel = jnp.stack([jnp.dot(dy_NxO.T, tap).T for tap in taps_NxI])
-    else:
-        dkernel = jnp.stack([jnp.dot(tap.T, dy_NxO) for tap in taps_NxI])
-    return dx, dkernel.reshape(kernel.shape)
+    return dx, _weight_gradient(x, dy_BxHxWxO)
+
+
+def _weight_gradient(x_BxHxWxI, dy_BxHxWxO):
+    """sum over b, h, w of taps(x) (x) dy: a loop over small groups of images.
+
+    A group's nine taps side by side, (n, 9I), stay in cache and are contracted with its dy at
+    once; the whole batch's taps at once would be nine fresh activation-sized buffers, and on
+    XLA:CPU writing those costs more than the matmuls.
+    """
+    b, h, w, in_ch = x_BxHxWxI.shape
+    out_ch = dy_BxHxWxO.shape[-1]
+    group = 2 if b % 2 == 0 else 1
+    padded = jnp.pad(x_BxHxWxI, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(b // group, group, h + 2, w + 2, in_ch)
+    dy_GxNxO = dy_BxHxWxO.reshape(b // group, group * h * w, out_ch)
+
+    def group_gradient(i):
+        x = lax.dynamic_index_in_dim(padded, i, keepdims=False)
+        columns = jnp.concatenate([x[:, r:r + h, c:c + w, :] for r in range(3) for c in range(3)], axis=-1)
+        dy = lax.dynamic_index_in_dim(dy_GxNxO, i, keepdims=False)
+        return lax.dot_general(columns.reshape(-1, 9 * in_ch), dy, (((0,), (0,)), ((), ())))
+
+    total = lax.fori_loop(0, b // group, lambda i, total: total + group_gradient(i),
+                          jnp.zeros((9 * in_ch, out_ch), dy_BxHxWxO.dtype))
+    return total.reshape(3, 3, in_ch, out_ch)
 
 
 conv3x3_tapgrad.defvjp(_tapgrad_forward, _tapgrad_backward)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from unet_jax import autotune, checkpoints, data, devices
@@ -113,17 +114,34 @@ def create_state(params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params, opt_state=tx.init(params))
 
 
-def apply_update(state: TrainState, x0, t_B, noise, *, model: Unet, tx, schedule: Schedule, ema_decay: float):
+def loss_and_grads(params, x0, t_B, noise, *, model: Unet, schedule: Schedule):
+    def loss_fn(params):
+        return noise_prediction_loss(lambda x, t: model.apply({"params": params}, x, t), schedule, x0, t_B, noise)
+
+    return jax.value_and_grad(loss_fn)(params)
+
+
+def apply_update(state: TrainState, x0, t_B, noise, *, model: Unet, tx, schedule: Schedule, ema_decay: float,
+                 sharding=None):
     """One Adam step on the noise-prediction loss of (x0, t, noise).
+
+    With ``sharding`` (a batch-axis NamedSharding) each device differentiates its own slice of
+    the batch and the devices average: equal slices, so the batch's mean loss and gradient.
+    Written per device (shard_map) rather than left to XLA's partitioner, which would gather
+    the whole batch onto every device for a layer that loops over images.
 
     Returns (state, metrics): metrics holds the step, its loss, and whether the loss and the
     gradients were finite (finite loss with infinite gradients still ruins the parameters).
     """
-
-    def loss_fn(params):
-        return noise_prediction_loss(lambda x, t: model.apply({"params": params}, x, t), schedule, x0, t_B, noise)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_fn = functools.partial(loss_and_grads, model=model, schedule=schedule)
+    if sharding is not None:
+        axis = sharding.spec[0]
+        per_device = grad_fn
+        # check_vma=False: each device's gradient stays its own until the explicit pmean (with
+        # the check, JAX would sum the replicated parameters' gradients over devices itself).
+        grad_fn = jax.shard_map(lambda *args: jax.lax.pmean(per_device(*args), axis), mesh=sharding.mesh,
+                                in_specs=(P(), P(axis), P(axis), P(axis)), out_specs=P(), check_vma=False)
+    loss, grads = grad_fn(state.params, x0, t_B, noise)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, ema_decay)
@@ -145,7 +163,8 @@ def train_step(state: TrainState, images_u8, keys, *, model, tx, schedule, batch
     t_B, noise = draw_timesteps_and_noise(jax.random.fold_in(noise_key, state.step), x0, schedule.n_T)
     if sharding is not None:
         x0, t_B, noise = jax.lax.with_sharding_constraint((x0, t_B, noise), sharding)
-    return apply_update(state, x0, t_B, noise, model=model, tx=tx, schedule=schedule, ema_decay=ema_decay)
+    return apply_update(state, x0, t_B, noise, model=model, tx=tx, schedule=schedule, ema_decay=ema_decay,
+                        sharding=sharding)
 
 
 # ------------------------------------------------------------------------------------ the run
