@@ -1,9 +1,16 @@
+import os
 import pathlib
 import re
 
 import pytest
 
 SEED_TUTORIAL = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "seeds" / "000_ea2f922525bcfbec.txt"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def autotune_cache(tmp_path_factory):
+    """The conv autotuner's cache in a folder of the test session's own (subprocesses inherit it), never ~/.cache."""
+    os.environ["UNET_JAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("autotune-cache"))
 
 
 @pytest.fixture(scope="session")

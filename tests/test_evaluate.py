@@ -73,7 +73,7 @@ EVAL_KEYS = {"fd", "confidence_mean", "frac_confident", "class_hist", "class_ent
 def trained(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("run"))
     train(Config(workdir=path, steps=3, batch_size=8, sample_steps=3, num_samples=4, sample_every=0, ckpt_every=0,
-                 warmup_steps=0))
+                 warmup_steps=0, conv="tapgrad"))
     return path
 
 

@@ -1,4 +1,6 @@
-"""The fast layers against the plain Flax/lax ones and against torch, values and gradients."""
+"""The fast layers and every 3x3 conv lowering against the plain Flax/lax ones and against torch, values and gradients."""
+
+import json
 
 import flax.linen as nn
 import jax
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from unet_jax.layers import ConvTranspose, avg_pool, max_pool
+from unet_jax.layers import CONV_LOWERINGS, Conv3x3, ConvPlan, ConvTranspose, avg_pool, conv_shape, max_pool
 
 
 @pytest.mark.parametrize("in_ch,out_ch,k,extra,size", [(128, 128, 3, 0, 1), (256, 128, 2, 1, 3), (128, 64, 2, 0, 14)])
@@ -69,3 +71,90 @@ def test_avg_pool_matches_flax_and_torch():
             out = avg_pool(jnp.asarray(x), 3, fast=fast)
             assert out.shape == (4, 1, 1, 6)
             np.testing.assert_allclose(out, expected, rtol=0, atol=1e-15)
+
+
+# Every 3x3 convolution shape of the UNet (map size, in, out), a 3x3 map, 256 inputs, and the 1-channel ends.
+CONV_SHAPES = [(28, 1, 64), (28, 64, 64), (14, 64, 128), (7, 128, 128), (14, 64, 64), (28, 128, 1), (3, 256, 128)]
+
+
+def _torch_conv3x3(x_nhwc, kernel_hwio, dy_nhwc):
+    """torch.nn.functional.conv2d(padding=1), its input and weight gradients, back in NHWC/HWIO."""
+    def nchw(a, axes):
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(axes)))
+
+    x = nchw(x_nhwc, (0, 3, 1, 2)).requires_grad_()
+    w = nchw(kernel_hwio, (3, 2, 0, 1)).requires_grad_()
+    y = torch.nn.functional.conv2d(x, w, padding=1)
+    y.backward(nchw(dy_nhwc, (0, 3, 1, 2)))
+    return (y.detach().numpy().transpose(0, 2, 3, 1), x.grad.numpy().transpose(0, 2, 3, 1),
+            w.grad.numpy().transpose(2, 3, 1, 0))
+
+
+def _conv_case(size, in_ch, out_ch, dtype):
+    keys = jax.random.split(jax.random.key(size * 1000 + in_ch + out_ch), 3)
+    x = jax.random.normal(keys[0], (2, size, size, in_ch), dtype)
+    kernel = jax.random.normal(keys[1], (3, 3, in_ch, out_ch), dtype) / np.sqrt(9 * in_ch)
+    dy = jax.random.normal(keys[2], (2, size, size, out_ch), dtype)
+    return x, kernel, dy
+
+
+def _forward_and_gradients(lowering, x, kernel, dy):
+    y, pullback = jax.vjp(CONV_LOWERINGS[lowering], x, kernel)
+    return (y, *pullback(dy))
+
+
+def _max_relative(found, expected):
+    return float(np.max(np.abs(np.asarray(found, np.float64) - expected)) / np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("lowering", sorted(CONV_LOWERINGS))
+@pytest.mark.parametrize("size,in_ch,out_ch", CONV_SHAPES)
+def test_conv_lowering_matches_torch_in_float64(lowering, size, in_ch, out_ch):
+    with jax.enable_x64(True):
+        x, kernel, dy = _conv_case(size, in_ch, out_ch, jnp.float64)
+        expected = _torch_conv3x3(x, kernel, dy)
+        found = jax.jit(_forward_and_gradients, static_argnums=0)(lowering, x, kernel, dy)
+        for name, f, e in zip(("y", "dx", "dkernel"), found, expected):
+            assert f.shape == e.shape, name
+            assert _max_relative(f, e) <= 1e-12, (name, _max_relative(f, e))
+
+
+@pytest.mark.parametrize("lowering", sorted(set(CONV_LOWERINGS) - {"xla"}))
+@pytest.mark.parametrize("size,in_ch,out_ch", CONV_SHAPES)
+def test_conv_lowering_matches_lax_conv_in_float32(lowering, size, in_ch, out_ch):
+    x, kernel, dy = _conv_case(size, in_ch, out_ch, jnp.float32)
+    expected = [np.asarray(a, np.float64) for a in jax.jit(_forward_and_gradients, static_argnums=0)("xla", x, kernel, dy)]
+    found = jax.jit(_forward_and_gradients, static_argnums=0)(lowering, x, kernel, dy)
+    for name, f, e in zip(("y", "dx", "dkernel"), found, expected):
+        # float32 rounding of sums of up to 9 * 256 terms (Winograd's transforms add a few more roundings)
+        assert _max_relative(f, e) <= 1e-5, (name, _max_relative(f, e))
+
+
+def test_conv3x3_module_reads_nn_conv_parameters_and_follows_its_plan():
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 16))
+    variables = nn.Conv(8, (3, 3), padding=1).init(jax.random.key(1), x)
+    expected = nn.Conv(8, (3, 3), padding=1).apply(variables, x)
+    assert jax.tree.map(jnp.shape, Conv3x3(8).init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, variables)
+    for lowering in CONV_LOWERINGS:
+        plan = ConvPlan("xla", ((conv_shape(7, 7, 16, 8), lowering),))
+        np.testing.assert_allclose(Conv3x3(8, conv=plan).apply(variables, x), expected, rtol=0, atol=1e-5)
+        assert plan.lowering("7x7 16->8") == lowering and plan.lowering("28x28 1->64") == "xla"
+        assert ConvPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+
+
+def test_conv_plan_refuses_an_unknown_lowering():
+    with pytest.raises(ValueError, match="expected a 3x3 conv lowering in .* got 'fft'"):
+        ConvPlan("fft")
+    with pytest.raises(ValueError, match="got 'cudnn'"):
+        ConvPlan("xla", (("28x28 64->64", "cudnn"),))
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_as_in_torch():
+    with jax.enable_x64(True):
+        # Rounded to integers: most windows hold ties, some at positive values.
+        x = np.round(np.random.default_rng(0).standard_normal((2, 7, 7, 3)))
+        dy = np.random.default_rng(1).standard_normal((2, 3, 3, 3))
+        _, pullback = jax.vjp(lambda v: max_pool(v, 2), jnp.asarray(x))
+        t = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+        torch.nn.MaxPool2d(2)(t).backward(torch.from_numpy(dy.transpose(0, 3, 1, 2)))
+        np.testing.assert_array_equal(pullback(jnp.asarray(dy))[0], t.grad.numpy().transpose(0, 2, 3, 1))

@@ -16,7 +16,7 @@ from unet_jax.train import Config, train
 def workdir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("run"))
     train(Config(workdir=path, steps=3, batch_size=8, n_T=20, sample_steps=3, num_samples=4, sample_every=0,
-                 ckpt_every=0, warmup_steps=0))
+                 ckpt_every=0, warmup_steps=0, conv="tapgrad"))
     return path
 
 
@@ -26,7 +26,7 @@ def test_sample_cli_writes_png_and_npy(workdir, tmp_path):
     images = np.load(out + ".npy")
     assert images.shape == (10, 28, 28, 1) and images.min() >= -1 and images.max() <= 1
     assert Image.open(out + ".png").size == (2 * (8 * 30 + 2), 2 * (2 * 30 + 2))
-    sample.main(["--workdir", workdir, "--num", "2", "--sampler", "ddpm", "--out", out + "_ddpm"])
+    sample.main(["--workdir", workdir, "--num", "2", "--sampler", "ddpm", "--out", out + "_ddpm", "--conv", "im2col"])
     assert np.load(out + "_ddpm.npy").shape == (2, 28, 28, 1)
 
 

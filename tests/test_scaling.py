@@ -20,7 +20,7 @@ from unet_jax import checkpoints
 pytestmark = pytest.mark.slow
 
 TINY = ["--batch-size", "8", "--n-T", "20", "--sample-steps", "3", "--num-samples", "4", "--log-every", "1",
-        "--sample-every", "0", "--warmup-steps", "2", "--steps", "10", "--ckpt-every", "0", "--lr", "1e-4"]
+        "--sample-every", "0", "--warmup-steps", "2", "--steps", "10", "--ckpt-every", "0", "--lr", "1e-4", "--conv", "tapgrad"]
 TIMEOUT_S = 300
 
 

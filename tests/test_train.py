@@ -13,13 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unet_jax import checkpoints, data
+from unet_jax import autotune, checkpoints, data
 from unet_jax import train as train_module
+from unet_jax.layers import ConvPlan
 from unet_jax.train import Config, main, train
 
-TINY = dict(batch_size=8, n_T=20, sample_steps=3, num_samples=4, log_every=2, sample_every=0, warmup_steps=2)
+# An explicit 3x3 conv lowering keeps these runs from timing the lowerings first (tests/test_autotune.py
+# covers that); tapgrad is the one with a custom gradient.
+TINY = dict(batch_size=8, n_T=20, sample_steps=3, num_samples=4, log_every=2, sample_every=0, warmup_steps=2,
+            conv="tapgrad")
 TINY_FLAGS = ["--batch-size", "8", "--n-T", "20", "--sample-steps", "3", "--num-samples", "4", "--log-every", "2",
-              "--sample-every", "0", "--warmup-steps", "2"]
+              "--sample-every", "0", "--warmup-steps", "2", "--conv", "tapgrad"]
 
 
 def _params(workdir):
@@ -85,7 +89,10 @@ def test_dispatches_stop_at_every_log_checkpoint_and_sample():
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    flags = TINY_FLAGS + ["--steps", "40", "--ckpt-every", "5"]
+    # The program `make train` runs: a device per core, 5 steps per dispatch (logs and checkpoints
+    # at multiples of 5), the 3x3 conv lowerings autotuned.
+    flags = TINY_FLAGS[:-4] + ["--log-every", "10", "--steps", "40", "--ckpt-every", "5"]
+    assert "--conv" not in flags and Config().steps_per_dispatch == 5
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     subprocess.run([sys.executable, "-m", "unet_jax.train", "--workdir", straight, *flags], check=True, env=env,
@@ -112,6 +119,31 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     for key in ("params", "ema_params"):
         for x, y in zip(jax.tree.leaves(a[key]), jax.tree.leaves(b[key])):
             np.testing.assert_array_equal(x, y)
+
+
+def test_resume_reuses_the_recorded_conv_lowerings(tmp_path, monkeypatch, capsys):
+    workdir = str(tmp_path / "run")
+    train(Config(workdir=workdir, steps=2, ckpt_every=0, **(TINY | {"conv": "im2col"})))
+    assert checkpoints.read_conv_plan(workdir) == ConvPlan("im2col")
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("a resumed run must not measure the lowerings again")
+
+    monkeypatch.setattr(autotune, "measure", no_measuring)
+    state = train(Config(workdir=workdir, steps=4, ckpt_every=0, **(TINY | {"conv": "auto"})))
+    assert int(state.step) == 4 and checkpoints.read_conv_plan(workdir) == ConvPlan("im2col")
+    assert f"3x3 conv lowerings (as recorded in {workdir}): im2col" in capsys.readouterr().out
+    # An explicit --conv overrides the record, and becomes the record.
+    train(Config(workdir=workdir, steps=6, ckpt_every=0, **(TINY | {"conv": "winograd"})))
+    assert checkpoints.read_conv_plan(workdir) == ConvPlan("winograd")
+
+
+def test_a_corrupt_conv_record_is_refused_in_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / checkpoints.CONV_PLAN_FILE).write_text("{half a file")
+    with pytest.raises(SystemExit, match=r"error: .*conv_plan.json is not a record of 3x3 conv lowerings .*--conv"):
+        main(["--workdir", str(workdir), "--steps", "1", *TINY_FLAGS[:-2]])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

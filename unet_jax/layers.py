@@ -17,6 +17,7 @@ and loses several-fold where they do not (``benchmarks/README.md`` has both mach
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -40,10 +41,45 @@ def _windows(x_BxHxWxC, window: int):
     return x.reshape(b, h // window, window, w // window, window, c)
 
 
+def _first_max(windows_BxHxKxWxKxC):
+    """(max, index of its first occurrence in row-major window order) of every window.
+
+    One comparison chain yields both, so the index always points at the value returned: an
+    equality test against the max afterwards could miss, since XLA may recompute the
+    windows' producers in another fusion, rounded differently.
+    """
+    k = windows_BxHxKxWxKxC.shape[2]
+    best, index = windows_BxHxKxWxKxC[:, :, 0, :, 0, :], jnp.zeros((), jnp.int32)
+    for position in range(1, k * k):
+        value = windows_BxHxKxWxKxC[:, :, position // k, :, position % k, :]
+        better = value > best  # strictly: the first of equal maxima wins, as in torch
+        best, index = jnp.where(better, value, best), jnp.where(better, position, index)
+    return best, index
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _window_max(k: int, windows_BxHxKxWxKxC):
+    return _first_max(windows_BxHxKxWxKxC)[0]
+
+
+def _window_max_forward(k, windows):
+    return _first_max(windows)
+
+
+def _window_max_backward(k, index, dy_BxHxWxC):
+    """Each window's gradient goes to its first maximum, as torch's does: elementwise, where
+    autodiff of a max splits ties and counts them with reductions, slow on XLA:CPU."""
+    rows = [jnp.stack([jnp.where(index == i * k + j, dy_BxHxWxC, 0) for j in range(k)], axis=3) for i in range(k)]
+    return (jnp.stack(rows, axis=2),)
+
+
+_window_max.defvjp(_window_max_forward, _window_max_backward)
+
+
 def max_pool(x_BxHxWxC, window: int, *, fast: bool = True):
     """torch.nn.MaxPool2d(window): stride = window, no padding, floor."""
     if fast:
-        return _windows(x_BxHxWxC, window).max(axis=(2, 4))
+        return _window_max(window, _windows(x_BxHxWxC, window))
     return nn.max_pool(x_BxHxWxC, (window, window), strides=(window, window), padding="VALID")
 
 

@@ -1,0 +1,113 @@
+"""The 3x3 conv autotuner: what it measures, its per-machine cache, and --conv overriding it."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from unet_jax import autotune
+from unet_jax.layers import CONV_LOWERINGS, ConvPlan
+from unet_jax.model import init_variables
+
+FAKE_PLAN = ConvPlan("xla", (("28x28 64->64", "im2col"),))
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNET_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def counted_measure(monkeypatch):
+    """autotune.measure replaced by a fast one that counts its calls (the cache logic is under test)."""
+    calls = []
+
+    def measure(batch, mode, mesh, log=print):
+        calls.append((batch, mode))
+        return FAKE_PLAN, {"28x28 64->64": {"im2col": 1.0, "xla": 2.0}}
+
+    monkeypatch.setattr(autotune, "measure", measure)
+    return calls
+
+
+def test_conv_layers_are_the_unets_convolutions():
+    layers = autotune.conv_layers()
+    assert layers["28x28 64->64"] == ["encoder/down1/model_0/block_0", "decoder/up4/model_1/block_0"]
+    assert set(layers) == {"28x28 1->64", "28x28 64->64", "14x14 64->128", "7x7 128->128", "14x14 64->64",
+                           "28x28 128->1"}
+    # One entry per 3x3 kernel among the parameters but the 3x3 transposed convolution (decoder/up1_0),
+    # and the shape key agrees with each kernel.
+    params = init_variables(jax.random.key(0))["params"]
+    kernels = {"/".join(str(k.key) for k in path[:-1]): leaf.shape
+               for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+               if path[-1].key == "kernel" and leaf.shape[:2] == (3, 3) and len(leaf.shape) == 4}
+    del kernels["decoder/up1_0"]
+    found = {path: key for key, paths in layers.items() for path in paths}
+    assert set(found) == set(kernels)
+    for path, key in found.items():
+        assert key.endswith(f"{kernels[path][2]}->{kernels[path][3]}")
+
+
+def test_a_real_measurement_times_every_lowering_and_caches_the_fastest(cache_dir):
+    plan = autotune.autotune(1, "sample", log=lambda *_: None)
+    (entry,) = json.loads((cache_dir / "conv_autotune.json").read_text())["entries"].values()
+    assert set(entry["ms"]) == set(autotune.conv_layers())
+    for key, row in entry["ms"].items():
+        assert set(row) == set(CONV_LOWERINGS) and all(ms > 0 for ms in row.values())
+        assert plan.lowering(key) == min(row, key=row.get)
+    assert ConvPlan.from_json(entry["plan"]) == plan
+
+
+def test_a_warm_cache_measures_nothing(cache_dir, counted_measure):
+    assert autotune.autotune(4, "train", log=lambda *_: None) == FAKE_PLAN
+    assert autotune.autotune(4, "train", log=lambda *_: None) == FAKE_PLAN
+    assert len(counted_measure) == 1
+    autotune.autotune(8, "train", log=lambda *_: None)  # another batch is another measurement
+    autotune.autotune(4, "sample", log=lambda *_: None)  # and so is another mode
+    assert len(counted_measure) == 3
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 99, "entries": {}}), json.dumps([1, 2]),
+                                     json.dumps({"version": 1, "entries": {"k": {"plan": {"default": "fft"}}}})])
+def test_a_corrupt_or_foreign_cache_is_ignored_with_a_warning_and_rewritten(cache_dir, counted_measure, content):
+    cache_dir.mkdir()
+    (cache_dir / "conv_autotune.json").write_text(content)
+    with pytest.warns(UserWarning, match="ignoring the conv autotune cache .*; measuring again"):
+        assert autotune.autotune(4, "train", log=lambda *_: None) == FAKE_PLAN
+    assert len(counted_measure) == 1
+    cache = json.loads((cache_dir / "conv_autotune.json").read_text())
+    assert cache["version"] == autotune.CACHE_VERSION and len(cache["entries"]) == 1
+
+
+def test_an_unwritable_cache_warns_and_still_gives_the_plan(tmp_path, monkeypatch, counted_measure):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("UNET_JAX_CACHE_DIR", str(blocker / "cache"))  # a folder under a file
+    with pytest.warns(UserWarning, match="could not write the conv autotune cache"):
+        assert autotune.autotune(4, "train", log=lambda *_: None) == FAKE_PLAN
+
+
+def test_conv_flag_overrides_the_cache(cache_dir, counted_measure):
+    assert autotune.resolve("auto", 4, log=lambda *_: None) == FAKE_PLAN
+    for name in CONV_LOWERINGS:
+        assert autotune.resolve(name, 4) == ConvPlan(name)
+    assert len(counted_measure) == 1
+    with pytest.raises(ValueError, match="expected --conv in"):
+        autotune.resolve("fft", 4)
+
+
+def test_the_cache_key_names_the_machine_and_the_measurement():
+    key = autotune.machine_key(64, "train", 2)
+    assert f"jax {jax.__version__}" in key and "2 device(s)" in key and "batch 64 per device" in key
+    assert "| cpu |" in key and "flags " in key
+    assert autotune.machine_key(64, "sample", 2) != key and autotune.machine_key(32, "train", 2) != key
+
+
+def test_autotune_cli_prints_the_table(cache_dir, counted_measure, capsys):
+    autotune.main(["--batch", "4"])
+    out = capsys.readouterr().out
+    assert "| layer shape | layers | im2col | tapgrad | winograd | xla | chosen |" in out
+    assert "| 28x28 64->64 | encoder/down1/model_0/block_0, decoder/up4/model_1/block_0 | 1.0 |  |  | 2.0 | im2col |" in out
+    assert os.path.exists(cache_dir / "conv_autotune.json")
