@@ -1,10 +1,14 @@
 """python -m benchmarks: jit-compiled JAX against eager torch and torch.compile, side by side.
 
 One run times, on this machine: the train step (forward, backward, Adam, EMA; same loss,
-same real digits) at several batch sizes, and DDIM-100 / DDPM-1000 sampling; with
+same real digits) at several batch sizes, the trainer's program with the 3x3 conv lowerings
+it would choose (``--conv auto``) and with each lowering alone, and DDIM-100 / DDPM-1000
+sampling; GFLOP/s count the direct convolution's FLOPs (XLA's count of the ``xla``
+lowering) whatever the lowering, so Winograd may pass the matmul peak; with
 warm-up and compilation excluded (compile time reported apart), clocks read after a sync,
 medians of repeats with min-max spread, torch given the same threads, TF32 off on both
-sides on GPU. Writes benchmarks/results/<machine>.json and .md and prints the table.
+sides on GPU. Writes benchmarks/results/<machine>.json and .md (the machine's name says its
+CPU kind, e.g. ...-avx2) and prints the table.
 """
 
 import argparse
@@ -21,7 +25,7 @@ import torch  # noqa: E402
 
 from benchmarks import jax_bench, torch_bench  # noqa: E402
 from benchmarks.machine import cpu_has_bfloat16, machine, machine_name  # noqa: E402
-from unet_jax import data  # noqa: E402
+from unet_jax import autotune, data  # noqa: E402
 from unet_jax.train import Config  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -47,16 +51,29 @@ def run(args) -> dict:
     for dtype in dtypes:
         for batch in args.batches:
             steps = max(1, args.images_per_repeat // batch)
+            # The trainer's own program: Config().steps_per_dispatch steps per dispatch, all devices,
+            # the 3x3 conv lowerings that --conv auto picks for this batch (measured or cached).
+            mesh = devices.data_mesh(batch)
+            plan = autotune.resolve("auto", batch // mesh.devices.size, "train", mesh=mesh)
+            print(f"3x3 conv lowerings, train, batch {batch}: {plan.describe()}", flush=True)
             common = dict(steps_per_repeat=steps, repeats=args.repeats)
-            # The trainer's own program: Config().steps_per_dispatch steps per dispatch, all devices.
+            program = dict(common, steps_per_dispatch=STEPS_PER_DISPATCH,
+                           direct_flops=jax_bench.direct_flops(images, batch, dtype, STEPS_PER_DISPATCH))
             cases = [("jax-jit", lambda: jax_bench.train_step_case(
-                images, batch, dtype, all_devices=True, steps_per_dispatch=STEPS_PER_DISPATCH, **common))]
+                images, batch, dtype, all_devices=True, conv=plan, **program))]
+            if dtype == "float32" and batch in args.conv_batches:  # each lowering alone
+                cases += [(f"jax-jit conv={name}", lambda name=name: jax_bench.train_step_case(
+                    images, batch, dtype, all_devices=True, conv=name, **program))
+                          for name in args.conv if name != "auto"]
             if dtype == "float32":  # what the dispatch size and the per-core devices each bring
+                one = dict(common, direct_flops=jax_bench.direct_flops(images, batch, dtype, 1))
                 cases.append(("jax-jit 1 step/dispatch", lambda: jax_bench.train_step_case(
-                    images, batch, dtype, all_devices=True, **common)))
+                    images, batch, dtype, all_devices=True, conv=plan, **one)))
                 if not gpu and len(jax.devices()) > 1:
+                    single = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+                    single_plan = autotune.resolve("auto", batch, "train", mesh=single)
                     cases.append(("jax-jit 1 step/dispatch, 1 device", lambda: jax_bench.train_step_case(
-                        images, batch, dtype, all_devices=False, **common)))
+                        images, batch, dtype, all_devices=False, conv=single_plan, **one)))
             cases.append(("torch eager", lambda: torch_bench.train_step_case(images, batch, dtype, compiled=None, device=device, **common)))
             for mode in compile_modes:
                 if not args.skip_compile:
@@ -68,8 +85,13 @@ def run(args) -> dict:
         if num == 0:
             continue
         reps = dict(repeats=args.sample_repeats)
-        cases = [("jax-jit", lambda: jax_bench.sample_case(num, sampler, steps, **reps)),
-                 ("torch eager", lambda: torch_bench.sample_case(num, sampler, steps, compiled=None, device=device, **reps))]
+        mesh = devices.data_mesh(num)
+        plan = autotune.resolve("auto", num // mesh.devices.size, "sample", mesh=mesh)
+        cases = [("jax-jit", lambda: jax_bench.sample_case(num, sampler, steps, conv=plan, **reps))]
+        if plan != autotune.ConvPlan("xla"):
+            cases.append(("jax-jit conv=xla", lambda: jax_bench.sample_case(num, sampler, steps, conv="xla", **reps)))
+        cases.append(("torch eager", lambda: torch_bench.sample_case(num, sampler, steps, compiled=None, device=device,
+                                                                      **reps)))
         if not args.skip_compile:
             cases += [(f"torch.compile {m}", lambda m=m: torch_bench.sample_case(num, sampler, steps, compiled=m, device=device, **reps))
                       for m in compile_modes]
@@ -98,10 +120,11 @@ def _measure(case: str, batch: int, dtype: str, cases, peak: float) -> list[dict
 
 def table(result: dict) -> str:
     m = result["machine"]
-    lines = [f"Machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores, JAX {m['jax']} ({m['backend']}, "
+    lines = [f"Machine: {m.get('gpu') or m['cpu']} ({m.get('cpu_kind', '')}), {m['cores']} cores, JAX {m['jax']} ({m['backend']}, "
              f"{m['jax_devices']} device(s)), torch {m['torch']}, Python {m['python']}. "
              f"float32 matmul peak measured in the same run: {result['matmul_peak_gflops']:.0f} GFLOP/s. "
-             f"Command: `{result['command'].strip()}`.", "",
+             f"Command: `{result['command'].strip()}`. GFLOP/s: the FLOPs of a direct-convolution step (XLA's "
+             "count with its own convolutions) over the time, for every lowering.", "",
              "| case | batch | dtype | implementation | ms (median) | spread (min-max) | images/s | × eager torch | GFLOP/s (% of peak) | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -124,6 +147,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sample-repeats", type=int, default=3)
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--out", default=RESULTS, help="folder for <machine>.json and .md")
+    parser.add_argument("--conv", nargs="+", choices=autotune.CHOICES, default=list(autotune.CHOICES),
+                        help="3x3 conv lowerings to time the train step with, each alone (auto is always timed)")
+    parser.add_argument("--conv-batches", type=int, nargs="+", default=[32, 128],
+                        help="the batches at which each --conv lowering gets its own row (default %(default)s)")
     args = parser.parse_args(argv)
     if args.ddpm_images is None:
         args.ddpm_images = 256 if torch.cuda.is_available() else 16

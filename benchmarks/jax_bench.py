@@ -56,19 +56,24 @@ def train_program(images_u8: np.ndarray, batch: int, dtype: str, mesh, steps_per
     return program, (state, acc, images, keys)
 
 
+def direct_flops(images_u8: np.ndarray, batch: int, dtype: str, steps_per_dispatch: int) -> float | None:
+    """XLA's FLOP count per train step with XLA's own convolutions: the work of the direct form,
+    used for every lowering so that GFLOP/s compare like with like."""
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    program, args = train_program(images_u8, batch, dtype, mesh, steps_per_dispatch, "xla")
+    flops = _flops(program.lower(*args))  # of the whole, unpartitioned program
+    return flops / steps_per_dispatch if flops else None
+
+
 def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_devices: bool, steps_per_repeat: int,
-                    repeats: int, steps_per_dispatch: int = 1, conv="xla") -> dict:
-    """The trainer's own program: ms/step, compile time and XLA's FLOP count.
+                    repeats: int, steps_per_dispatch: int = 1, conv="xla", direct_flops: float | None = None) -> dict:
+    """The trainer's own program: ms/step, compile time, and the FLOPs of a direct-convolution step.
 
     ``steps_per_repeat`` is rounded to a multiple of ``steps_per_dispatch``.
     """
     mesh = devices.data_mesh(batch) if all_devices else jax.sharding.Mesh(jax.devices()[:1], ("data",))
     program, (state, acc, images, keys) = train_program(images_u8, batch, dtype, mesh, steps_per_dispatch, conv)
-    lowered = program.lower(state, acc, images, keys)
-    compiled, compile_s = timed(lowered.compile)
-    # Of the whole, unpartitioned program (a compiled SPMD program counts one device), per step.
-    flops = _flops(lowered)
-    flops = flops / steps_per_dispatch if flops else None
+    compiled, compile_s = timed(program.lower(state, acc, images, keys).compile)
     holder = {"state": state, "acc": acc}
     dispatches = max(1, round(steps_per_repeat / steps_per_dispatch))
 
@@ -81,16 +86,16 @@ def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_device
                 jax.block_until_ready(holder["acc"])
 
     timing = time_repeats(run, lambda: jax.block_until_ready(holder["acc"]), warmup=1, repeats=repeats)
-    return {**_per(timing, dispatches * steps_per_dispatch), "compile_s": compile_s, "flops": flops,
+    return {**_per(timing, dispatches * steps_per_dispatch), "compile_s": compile_s, "flops": direct_flops,
             "devices": mesh.devices.size}
 
 
-def sample_case(num: int, sampler: str, steps: int, *, repeats: int) -> dict:
+def sample_case(num: int, sampler: str, steps: int, *, repeats: int, conv="xla") -> dict:
     """One compiled sampler program: seconds per batch of ``num`` images."""
     params = init_variables(jax.random.key(0))["params"]
     mesh = devices.data_mesh(num)
     params = jax.device_put(params, devices.replicated(mesh))
-    kwargs = dict(model=Unet(), num=num, sampler=sampler, steps=steps, sharding=devices.batch_sharding(mesh))
+    kwargs = dict(model=Unet(conv=conv), num=num, sampler=sampler, steps=steps, sharding=devices.batch_sharding(mesh))
     _, compile_s = timed(lambda: generate.lower(params, jax.random.key(0), **kwargs).compile())
     out = [None]
     timing = time_repeats(lambda: out.__setitem__(0, generate(params, jax.random.key(0), **kwargs)),
