@@ -2,7 +2,7 @@
 
 The network's largest layer (batch 64, 28x28, 64 -> 64 channels, float32 or bfloat16, NHWC
 for XLA and NCHW for torch), forward alone and forward with both gradients: XLA on one host device,
-torch on one thread and on every core. Medians of repeats, warm-up excluded. This is the
+each 3x3 conv lowering of ``unet_jax.layers`` (``--conv``), torch on one thread and on every core. Medians of repeats, warm-up excluded. This is the
 measurement behind the README's account of what bounds the train step on a CPU.
 """
 
@@ -12,17 +12,14 @@ import os
 import jax
 import jax.numpy as jnp
 import torch
-from jax import lax
-
 from benchmarks.timing import time_repeats
+from unet_jax.layers import CONV_LOWERINGS
 
 
-def xla_case(batch: int, size: int, channels: int, repeats: int, dtype: str) -> dict:
+def xla_case(batch: int, size: int, channels: int, repeats: int, dtype: str, lowering: str = "xla") -> dict:
     x = jax.random.normal(jax.random.key(0), (batch, size, size, channels), dtype)
     w = (0.05 * jax.random.normal(jax.random.key(1), (3, 3, channels, channels))).astype(dtype)
-
-    def conv(x, w):
-        return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = CONV_LOWERINGS[lowering]
 
     forward = jax.jit(conv)
     gradients = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w).astype(jnp.float32) ** 2), argnums=(0, 1)))
@@ -62,11 +59,14 @@ def main(argv=None) -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--conv", nargs="+", choices=sorted(CONV_LOWERINGS), default=sorted(CONV_LOWERINGS),
+                        help="the 3x3 conv lowerings to time on XLA (default: all)")
     args = parser.parse_args(argv)
     shape = (args.batch, args.size, args.channels, args.repeats, args.dtype)
     cores = len(os.sched_getaffinity(0))
-    rows = [(f"XLA, 1 {jax.default_backend()} device", xla_case(*shape)),
-            ("torch (oneDNN), 1 thread", torch_case(*shape, threads=1))]
+    rows = [(f"XLA, 1 {jax.default_backend()} device" + ("" if name == "xla" else f", --conv {name}"),
+             xla_case(*shape, lowering=name)) for name in args.conv]
+    rows.append(("torch (oneDNN), 1 thread", torch_case(*shape, threads=1)))
     if cores > 1:
         rows.append((f"torch (oneDNN), {cores} threads", torch_case(*shape, threads=cores)))
     flops = 2 * args.batch * args.size**2 * args.channels**2 * 9  # one 3x3 convolution

@@ -21,7 +21,7 @@ import tempfile
 import jax
 
 from benchmarks.jax_bench import train_program
-from unet_jax import data
+from unet_jax import autotune, data
 
 # Executed ops are named after their HLO instruction; the name's stem says what kind it is.
 KINDS = (
@@ -40,9 +40,11 @@ def kind_of(op_name: str) -> str:
     return "other"
 
 
-def profile_step(batch: int, steps_per_dispatch: int, dispatches: int, trace_dir: str, conv="xla") -> int:
+def profile_step(batch: int, steps_per_dispatch: int, dispatches: int, trace_dir: str, conv="auto") -> int:
     """Trace ``dispatches`` programs of ``steps_per_dispatch`` steps; returns the minor page faults in them."""
     mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    conv = autotune.resolve(conv, batch, "train", mesh=mesh)
+    print(f"3x3 conv lowerings: {conv.describe()}")
     program, (state, acc, images, keys) = train_program(data.load_bundled("train").images, batch, "float32", mesh,
                                                         steps_per_dispatch, conv)
     for _ in range(2):  # compile and warm up outside the trace
@@ -77,7 +79,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=64, help="per device: 64 is batch 128 over two devices")
     parser.add_argument("--steps-per-dispatch", type=int, default=1)
     parser.add_argument("--dispatches", type=int, default=3)
-    parser.add_argument("--conv", default="xla")
+    autotune.add_conv_flag(parser)
     parser.add_argument("--top", type=int, default=10, help="also list this many of the slowest single ops")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as trace_dir:

@@ -48,6 +48,7 @@ def _run(*args):
 def test_conv_microbenchmark_prints_its_rows():
     out = _run("benchmarks.conv", "--batch", "2", "--size", "8", "--channels", "8", "--repeats", "1")
     assert "| XLA, 1 cpu device |" in out and "| torch (oneDNN), 1 thread |" in out
+    assert "| XLA, 1 cpu device, --conv tapgrad |" in out and "| XLA, 1 cpu device, --conv winograd |" in out
 
 
 def test_profile_sums_the_step_by_kind_of_op():

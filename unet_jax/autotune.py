@@ -90,19 +90,21 @@ def _compile(lowering: str, args: tuple, mode: str, mesh):
     return jax.jit(program).lower(*args).compile()
 
 
-def _time(program, args: tuple, *, repeats: int, give_up_after: float) -> float:
-    """Seconds per call: the best of ``repeats`` after a warm-up, or the warm-up alone if it took
-    longer than ``give_up_after``."""
-    best = np.inf
-    for i in range(repeats + 1):
+def _time(program, args: tuple, *, repeats: int, give_up_after: float, min_seconds: float = 0.2,
+          max_repeats: int = 10) -> float:
+    """Seconds per call: the best of at least ``repeats`` after a warm-up, more (up to
+    ``max_repeats``) while they add up to under ``min_seconds``, since the shortest layers are
+    the noisiest; or the warm-up alone if it took longer than ``give_up_after``."""
+    start = time.perf_counter()
+    jax.block_until_ready(program(*args))
+    if time.perf_counter() - start > give_up_after:
+        return time.perf_counter() - start
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < max_repeats):
         start = time.perf_counter()
         jax.block_until_ready(program(*args))
-        seconds = time.perf_counter() - start
-        if i == 0 and seconds > give_up_after:
-            return seconds
-        if i:
-            best = min(best, seconds)
-    return best
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def measure(batch: int, mode: str, mesh, *, repeats: int = 2, log=print) -> tuple[ConvPlan, dict]:
