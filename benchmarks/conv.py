@@ -2,7 +2,8 @@
 
 The network's largest layer (batch 64, 28x28, 64 -> 64 channels, float32 or bfloat16, NHWC
 for XLA and NCHW for torch), forward alone and forward with both gradients: XLA on one host device,
-each 3x3 conv lowering of ``unet_jax.layers`` (``--conv``), torch on one thread and on every core. Medians of repeats, warm-up excluded. This is the
+each 3x3 conv lowering of ``unet_jax.layers`` (``--conv``), torch on one thread and on
+every core. Medians of repeats, warm-up excluded. This is the
 measurement behind the README's account of what bounds the train step on a CPU.
 """
 

@@ -167,8 +167,9 @@ class Unet(nn.Module):
     ``fast=False`` swaps in the plain Flax/lax pools and transposed convolutions (same
     parameters, same numbers, slower on CPU). ``conv`` lowers the 3x3 convolutions: a name
     from ``layers.CONV_LOWERINGS`` for all of them, or a ``ConvPlan`` per layer shape (what
-    ``unet_jax.autotune`` measures); every choice reads the same parameters. ``dtype`` is the compute dtype (e.g.
-    ``jnp.bfloat16``); parameters keep the dtype they were initialised or ported in.
+    ``unet_jax.autotune`` measures); every choice reads the same parameters. ``dtype`` is the
+    compute dtype (e.g. ``jnp.bfloat16``); parameters keep the dtype they were initialised or
+    ported in.
     """
 
     fast: bool = True
