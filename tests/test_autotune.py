@@ -110,4 +110,12 @@ def test_autotune_cli_prints_the_table(cache_dir, counted_measure, capsys):
     out = capsys.readouterr().out
     assert "| layer shape | layers | im2col | tapgrad | winograd | xla | chosen |" in out
     assert "| 28x28 64->64 | encoder/down1/model_0/block_0, decoder/up4/model_1/block_0 | 1.0 |  |  | 2.0 | im2col |" in out
-    assert os.path.exists(cache_dir / "conv_autotune.json")
+    assert os.path.exists(cache_dir / "conv_autotune.json") and "from the cache" not in out
+    autotune.main(["--batch", "4"])
+    assert "ms per call, from the cache:" in capsys.readouterr().out
+
+
+def test_autotune_cli_refuses_a_batch_below_one(capsys):
+    with pytest.raises(SystemExit) as info:
+        autotune.main(["--batch", "0"])
+    assert info.value.code == 2 and "--batch must be at least 1" in capsys.readouterr().err

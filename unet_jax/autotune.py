@@ -247,11 +247,13 @@ def main(argv=None) -> None:
     devices.use_all_cpu_cores(args.batch)  # as the trainer: a device per core that splits the batch
     mesh = devices.data_mesh(args.batch)
     per_device = args.batch // mesh.devices.size
+    key = machine_key(per_device, args.mode, mesh.devices.size)
+    cached = key in _read_cache(cache_path()) and not args.remeasure
     plan = autotune(per_device, args.mode, mesh=mesh, remeasure=args.remeasure)
-    entry = _read_cache(cache_path()).get(machine_key(per_device, args.mode, mesh.devices.size))
+    entry = _read_cache(cache_path()).get(key)
     layers = conv_layers()
     print(f"\n3x3 conv lowerings on {jax.default_backend()}, {args.mode}, batch {per_device} per device on "
-          f"{mesh.devices.size} device(s); ms per call{', from the cache' if not args.remeasure else ''}:\n")
+          f"{mesh.devices.size} device(s); ms per call{', from the cache' if cached else ''}:\n")
     names = sorted(CONV_LOWERINGS)
     print("| layer shape | layers | " + " | ".join(names) + " | chosen |")
     print("|---|---|" + "---|" * len(names) + "---|")
