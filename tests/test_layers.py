@@ -80,7 +80,7 @@ CONV_SHAPES = [(28, 1, 64), (28, 64, 64), (14, 64, 128), (7, 128, 128), (14, 64,
 def _torch_conv3x3(x_nhwc, kernel_hwio, dy_nhwc):
     """torch.nn.functional.conv2d(padding=1), its input and weight gradients, back in NHWC/HWIO."""
     def nchw(a, axes):
-        return torch.from_numpy(np.array(np.asarray(a).transpose(axes)))  # a writable, contiguous copy
+        return torch.from_numpy(np.array(np.asarray(a).transpose(axes), order="C"))  # a writable, contiguous copy
 
     x = nchw(x_nhwc, (0, 3, 1, 2)).requires_grad_()
     w = nchw(kernel_hwio, (3, 2, 0, 1)).requires_grad_()
