@@ -35,7 +35,7 @@ STEPS_PER_DISPATCH = Config().steps_per_dispatch
 def run(args) -> dict:
     gpu = torch.cuda.is_available() and jax.default_backend() == "gpu"
     device = "cuda" if gpu else "cpu"
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(devices.usable_cores())
     if gpu:  # like with like: full float32 on both sides
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -8,12 +8,12 @@ measurement behind the README's account of what bounds the train step on a CPU.
 """
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
 import torch
 from benchmarks.timing import time_repeats
+from unet_jax import devices
 from unet_jax.layers import CONV_LOWERINGS
 
 
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
                         help="the 3x3 conv lowerings to time on XLA (default: all)")
     args = parser.parse_args(argv)
     shape = (args.batch, args.size, args.channels, args.repeats, args.dtype)
-    cores = len(os.sched_getaffinity(0))
+    cores = devices.usable_cores()
     rows = [(f"XLA, 1 {jax.default_backend()} device" + ("" if name == "xla" else f", --conv {name}"),
              xla_case(*shape, lowering=name)) for name in args.conv]
     rows.append(("torch (oneDNN), 1 thread", torch_case(*shape, threads=1)))

@@ -7,13 +7,15 @@ import re
 import jax
 import torch
 
+from unet_jax import devices
+
 
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         match = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
         cpu = match.group(1).strip() if match else cpu
-    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "backend": jax.default_backend(),
+    info = {"cpu": cpu, "cores": devices.usable_cores(), "backend": jax.default_backend(),
             "jax_devices": len(jax.devices()), "jax": jax.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "cpu_bfloat16": cpu_has_bfloat16(), "cpu_kind": cpu_vector_kind()}
     if torch.cuda.is_available():

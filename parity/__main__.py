@@ -11,6 +11,7 @@ import sys
 import jax
 
 from parity.compare import build_torch_model, compare, format_table
+from parity.port import CheckpointMismatchError, WeightsFileError
 from unet_jax.layers import CONV_LOWERINGS
 
 
@@ -28,7 +29,12 @@ def main(argv=None) -> int:
         parser.error("--batch must be at least 1")
 
     with jax.enable_x64(args.dtype == "float64"):
-        model = build_torch_model(args.seed, args.dtype, args.weights)
+        try:
+            model = build_torch_model(args.seed, args.dtype, args.weights)
+        except WeightsFileError as error:
+            raise SystemExit(f"error: --weights: {error}") from None
+        except CheckpointMismatchError as error:
+            raise SystemExit(f"error: --weights {args.weights}: {error.one_line()}") from None
         rows = compare(model, seed=args.seed, batch=args.batch, dtype=args.dtype, fast=not args.reference_layers,
                        conv=args.conv)
     print(f"parity: torch reference vs Flax port, {args.dtype}, batch {args.batch}, seed {args.seed}, "

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from parity.port import flax_to_torch, load_state_dict, torch_to_flax
+from parity.port import CheckpointMismatchError, check_floating, flax_to_torch, load_state_dict, torch_to_flax
 from unet_jax.diffusion import N_T
 from unet_jax.model import Unet
 
@@ -111,7 +111,13 @@ def build_torch_model(seed: int, dtype: str, weights=None):
     torch.manual_seed(seed)
     model = TorchUnet()
     if weights is not None:
-        model.load_state_dict(load_state_dict(weights) if isinstance(weights, str) else weights, strict=True)
+        state_dict = load_state_dict(weights) if isinstance(weights, str) else weights
+        check_floating(state_dict)
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as error:  # torch lists the missing, unexpected and misshapen keys
+            raise CheckpointMismatchError("the state_dict does not match the tutorial's Unet:\n"
+                                          + str(error).split(":", 1)[-1].strip()) from None
     else:
         perturb_norms(model, seed)
     return model.to(TORCH_DTYPES[dtype])

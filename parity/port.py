@@ -59,7 +59,16 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class CheckpointMismatchError(ValueError):
-    """A state_dict or Flax tree whose names or shapes are not the tutorial UNet's."""
+    """A state_dict or Flax tree whose names, shapes or dtypes are not the tutorial UNet's."""
+
+    def one_line(self) -> str:
+        """The first problem and how many there are: for a CLI's single line of error."""
+        lines = str(self).splitlines()
+        return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}; first: {lines[1].strip()}"
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read as a state_dict: missing, not a file, truncated, refused."""
 
 
 def _rows():
@@ -126,25 +135,57 @@ def _to_torch(array: np.ndarray) -> torch.Tensor:
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state_dict from ``.pt``/``.pth`` (never executing pickled code) or ``.safetensors``."""
+    """Read a state_dict from ``.pt``/``.pth`` (never executing pickled code) or ``.safetensors``.
+
+    Raises WeightsFileError, naming the file, for anything that is not a readable state_dict.
+    """
     path = os.fspath(path)
+    if not os.path.exists(path):
+        raise WeightsFileError(f"no weights file at {path!r}")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path!r}")
+        raise WeightsFileError(f"{path!r} is a directory, not a weights file: give the .pt or .safetensors file in it")
+    if os.path.getsize(path) == 0:
+        raise WeightsFileError(f"{path!r} is empty (0 bytes): save the state_dict again")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as error:
+            raise WeightsFileError(f"cannot read {path!r} as safetensors ({error}); it may be truncated: "
+                                   "save or copy it again") from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(
+        raise WeightsFileError(
             f"refusing to load {path!r}: it holds Python objects other than tensors, and loading "
             "them could run arbitrary code (torch.load with weights_only=True refused it). "
-            f"Save a plain state_dict (torch.save(model.state_dict(), path)). Details: {error}"
+            f"Save a plain state_dict (torch.save(model.state_dict(), path)). Details: {_first_line(error)}"
         ) from None
+    except Exception as error:  # torch.load fails on a damaged file with any of a dozen exception types
+        raise WeightsFileError(f"cannot read {path!r} as a torch checkpoint ({type(error).__name__}: "
+                               f"{_first_line(error)}); it may be truncated or not a torch.save file") from None
     if not isinstance(loaded, Mapping):
-        raise ValueError(f"expected {path!r} to hold a state_dict (a dict of tensors), got {type(loaded).__name__}")
+        raise WeightsFileError(f"expected {path!r} to hold a state_dict (a dict of tensors), got {type(loaded).__name__}")
     return dict(loaded)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no details"
+
+
+def check_floating(state_dict: Mapping, what: str = "the state_dict") -> None:
+    """Refuse integer, bool and complex tensors: cast into float parameters they would train as garbage."""
+    bad = [f"{k} ({_to_numpy(v).dtype})" for k, v in state_dict.items() if not _is_real_float(_to_numpy(v).dtype)]
+    if bad:
+        raise CheckpointMismatchError(f"{what} holds {len(bad)} non-float tensor(s), expected float weights:\n"
+                                      + "\n".join(f"  not float: {b}" for b in bad))
+
+
+def _is_real_float(dtype) -> bool:
+    return dtype == ml_dtypes.bfloat16 or np.issubdtype(dtype, np.floating)
 
 
 def _strip_wrapper_prefix(state_dict: Mapping) -> dict:
@@ -171,7 +212,9 @@ def torch_to_flax(source) -> dict:
       float64 when ``jax_enable_x64`` is on, and becomes float32 when it is off.
 
     Raises:
-      CheckpointMismatchError: listing every missing key, unexpected key and wrong shape.
+      WeightsFileError: a path that is not a readable state_dict file.
+      CheckpointMismatchError: listing every missing key, unexpected key, wrong shape and
+        non-float tensor.
     """
     state_dict = load_state_dict(source) if isinstance(source, (str, os.PathLike)) else source
     if not isinstance(state_dict, Mapping):
@@ -182,6 +225,7 @@ def torch_to_flax(source) -> dict:
         )
     arrays = {k: _to_numpy(v) for k, v in _strip_wrapper_prefix(state_dict).items()}
     _check({k: a.shape for k, a in arrays.items()}, torch_shapes(), "the state_dict")
+    check_floating(arrays)
 
     x64 = jax.config.jax_enable_x64
     params: dict = {}

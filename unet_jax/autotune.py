@@ -118,7 +118,7 @@ def measure(batch: int, mode: str, mesh, *, repeats: int = 2, log=print) -> tupl
     lowerings = sorted(CONV_LOWERINGS, key=lambda name: name == "xla")
     inputs = {key: _inputs(key, batch, mode, mesh) for key in shapes}
     jobs = [(key, lowering) for key in shapes for lowering in lowerings]
-    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(devices.usable_cores()) as pool:
         programs = dict(zip(jobs, pool.map(lambda job: _compile(job[1], inputs[job[0]], mode, mesh), jobs)))
     table: dict[str, dict[str, float]] = {}
     for key in shapes:

@@ -7,6 +7,9 @@ never overwritten: resuming it would silently splice two different runs together
 
 import json
 import os
+import shutil
+import socket
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -16,10 +19,20 @@ from unet_jax.layers import ConvPlan
 CONFIG_FILE = "config.json"
 CONV_PLAN_FILE = "conv_plan.json"
 CHECKPOINT_DIR = "checkpoints"
+SET_ASIDE_DIR = "checkpoints.unreadable"  # outside CHECKPOINT_DIR, so Orbax never lists what is moved there
+LOCK_FILE = ".lock"
 
 
 class IncompatibleWorkdirError(RuntimeError):
     """The workdir holds checkpoints of a run with other settings."""
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another trainer holds the workdir."""
+
+
+class NoReadableCheckpointError(RuntimeError):
+    """The workdir has checkpoints, and none of them restores."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -67,6 +80,98 @@ def write_conv_plan(workdir: str, plan: ConvPlan) -> None:
     _write_json(os.path.join(workdir, CONV_PLAN_FILE), plan.to_json())
 
 
+class WorkdirLock:
+    """An exclusive hold on a workdir for one trainer, released when the process ends, however it ends.
+
+    An advisory ``flock`` on ``WORKDIR/.lock``: the kernel drops it when the holder exits, so a
+    lock left by a killed run never blocks its resume. The file names the holder (pid, host).
+    """
+
+    def __init__(self, workdir: str):
+        import fcntl
+
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "an unknown process"
+            self._file.close()
+            raise WorkdirBusyError(f"{workdir} is in use by another trainer ({holder}); wait for it to end or stop "
+                                   "it, or use another --workdir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing the file drops the flock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def committed_steps(workdir: str) -> list[int]:
+    """The steps whose checkpoint is complete on disk, read from the folder without Orbax.
+
+    Orbax writes a step into a temporary folder and renames it to the bare step number when
+    every process has finished, so a numeric folder name means a committed checkpoint.
+    """
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def restore_newest_readable(mgr: ocp.CheckpointManager, args_for_step, *, set_aside: bool, log=print):
+    """(step, restored) from the newest checkpoint in ``mgr`` that restores; (None, None) if it has none.
+
+    A checkpoint that fails to restore (truncated, a file missing) is skipped with a message and,
+    with ``set_aside``, moved to ``WORKDIR/checkpoints.unreadable/`` (never deleted) so that the run
+    goes on from the one before. Raises NoReadableCheckpointError if none restores.
+    """
+    steps = sorted(mgr.all_steps(), reverse=True)
+    unreadable = []
+    for step in steps:
+        try:
+            restored = mgr.restore(step, args=args_for_step(step))
+        except Exception as error:  # a damaged checkpoint fails in Orbax, TensorStore or msgpack alike
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            unreadable.append((step, reason[:200]))
+            log(f"warning: checkpoint step {step} in {mgr.directory} cannot be restored ({reason[:200]})")
+            continue
+        if unreadable and set_aside:
+            _set_aside(mgr, [s for s, _ in unreadable], log)
+        return step, restored
+    if unreadable:
+        listed = "; ".join(f"step {s}: {r}" for s, r in unreadable)
+        raise NoReadableCheckpointError(f"no checkpoint in {mgr.directory} can be restored ({listed}); they are "
+                                        "left as they are: use another --workdir, or move them away to start over")
+    return None, None
+
+
+def _set_aside(mgr: ocp.CheckpointManager, steps: list[int], log) -> None:
+    """Move unreadable step folders out of the manager's view (process 0 moves, every process waits)."""
+    directory = os.fspath(mgr.directory)
+    aside = os.path.join(os.path.dirname(directory), SET_ASIDE_DIR)
+    if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        for step in steps:
+            target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(os.path.join(directory, str(step)), target)
+            log(f"moved the unreadable checkpoint step {step} to {target}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("unet_jax: unreadable checkpoints set aside")
+    mgr.reload()
+
+
 def has_checkpoints(workdir: str) -> bool:
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
@@ -86,7 +191,12 @@ def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -
     """
     if mgr.latest_step() is None:
         return
-    saved = read_config(workdir) or {}
+    saved = read_config(workdir)
+    if saved is None:
+        raise IncompatibleWorkdirError(
+            f"{workdir} holds checkpoints but no {CONFIG_FILE} (the record of the settings that made them), so "
+            "this run cannot check that they are its own. If these flags are that run's settings, add --adopt "
+            f"to write {CONFIG_FILE} from them and resume; else use another --workdir.")
     differences = [f"  {key}: the workdir has {saved.get(key)!r}, this run asks for {value!r}"
                    for key, value in identity.items() if saved.get(key) != value]
     if differences:
@@ -98,18 +208,21 @@ def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -
 
 
 def restore_latest_params(workdir: str) -> tuple[dict, dict]:
-    """(config, {'step', 'params', 'ema_params'}) from the workdir's latest checkpoint."""
+    """(config, {'step', 'params', 'ema_params'}) from the workdir's newest readable checkpoint."""
     config = read_config(workdir)
     directory = checkpoint_dir(workdir)
-    mgr = ocp.CheckpointManager(directory) if config is not None and os.path.isdir(directory) else None
+    if not os.path.isdir(directory) or not committed_steps(workdir):
+        raise FileNotFoundError(f"no checkpoint in {workdir}: train first with python -m unet_jax.train --workdir {workdir}")
+    if config is None:
+        raise FileNotFoundError(f"{workdir} has checkpoints but no {CONFIG_FILE}, which says how they were trained: "
+                                f"run python -m unet_jax.train --workdir {workdir} --adopt with the run's flags "
+                                "to write it")
+    mgr = ocp.CheckpointManager(directory)
     try:
-        step = mgr.latest_step() if mgr else None
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir}: train first with python -m unet_jax.train --workdir {workdir}")
         # Onto this process's first device, whatever devices the checkpoint was written from.
-        restored = mgr.restore(step, args=ocp.args.StandardRestore(
-            fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        step, restored = restore_newest_readable(
+            mgr, lambda _: ocp.args.StandardRestore(fallback_sharding=single), set_aside=False)
     finally:
-        if mgr:
-            mgr.close()
+        mgr.close()
     return config, {"step": step, "params": restored["params"], "ema_params": restored["ema_params"]}

@@ -91,11 +91,17 @@ def load_torchvision_root(root: str, split: str) -> Digits:
 
 
 def download(root: str) -> None:
-    """Fetch MNIST into ``root`` with torchvision (needs network)."""
+    """Fetch MNIST into ``root`` with torchvision (needs network); MnistError if it cannot."""
     from torchvision.datasets import MNIST
 
-    for train in (True, False):
-        MNIST(root, train=train, download=True)
+    try:
+        for train in (True, False):
+            MNIST(root, train=train, download=True)
+    except (OSError, RuntimeError) as error:  # torchvision: URLError (an OSError) per mirror, then RuntimeError
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        files = ", ".join(f"{name}.gz" for pair in _IDX.values() for name in pair)
+        raise MnistError(f"could not download MNIST into {root} ({reason}). Without network, copy {files} "
+                         f"into {os.path.join(root, 'MNIST', 'raw')} by hand, then run without --download") from None
 
 
 def load(source: str, split: str) -> Digits:

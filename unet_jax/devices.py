@@ -12,6 +12,8 @@ in ``XLA_FLAGS`` is respected.
 
 import dataclasses
 import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -30,6 +32,7 @@ class Cluster:
     process_id: int | None = None
     detect: bool = False  # let jax.distributed.initialize() read SLURM, Open MPI or the TPU VM
     heartbeat_timeout_s: int = 60  # a process silent this long counts as dead, and the run stops
+    init_timeout_s: int = 120  # how long the processes wait for each other to start
 
     @property
     def multi_process(self) -> bool:
@@ -48,8 +51,10 @@ def start_processes(cluster: Cluster) -> None:
                              "train its own copy into the same workdir. Add --distributed.")
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    timeouts = dict(heartbeat_timeout_seconds=cluster.heartbeat_timeout_s, shutdown_timeout_seconds=60)
+    timeouts = dict(heartbeat_timeout_seconds=cluster.heartbeat_timeout_s, shutdown_timeout_seconds=60,
+                    initialization_timeout=cluster.init_timeout_s)
     if cluster.coordinator is not None:
+        _roll_call(cluster)
         jax.distributed.initialize(cluster.coordinator, cluster.num_processes, cluster.process_id, **timeouts)
     else:
         jax.distributed.initialize(**timeouts)
@@ -60,6 +65,11 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one; macOS has not)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def use_all_cpu_cores(batch_size: int | None = None) -> None:
     """Ask XLA for one host device per core (or per core that splits ``batch_size`` evenly).
 
@@ -68,9 +78,82 @@ def use_all_cpu_cores(batch_size: int | None = None) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if DEVICE_COUNT_FLAG in flags:
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     count = cores if batch_size is None else max(k for k in range(1, cores + 1) if batch_size % k == 0)
     os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()
+
+
+class ProcessesMissingError(RuntimeError):
+    """Not every process of a multi-process run connected within the time allowed."""
+
+
+def _roll_call(cluster: Cluster, log=print) -> None:
+    """Gather every process at the coordinator's address before jax.distributed does.
+
+    jax.distributed waits silently, then aborts the process with a C++ fatal that blames a
+    task that died, and cannot say which processes never came. So process 0 first listens on
+    HOST:PORT itself and takes a roll call: each process sends its id, and when all have come,
+    process 0 answers them, closes the port, and jax.distributed starts on it. Raises
+    ProcessesMissingError naming the absent process ids after ``init_timeout_s``.
+    """
+    host, _, port = cluster.coordinator.rpartition(":")
+    port, n, me = int(port), cluster.num_processes, cluster.process_id
+    deadline = time.monotonic() + cluster.init_timeout_s
+    if me != 0:
+        log(f"process {me}: waiting for process 0 at {cluster.coordinator} (--init-timeout {cluster.init_timeout_s} s)",
+            flush=True)
+        while True:
+            try:
+                with socket.create_connection((host, port), timeout=max(1.0, deadline - time.monotonic())) as conn:
+                    conn.sendall(f"{me}\n".encode())
+                    conn.settimeout(max(1.0, deadline - time.monotonic()))
+                    if conn.recv(16).startswith(b"go"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() >= deadline:
+                raise ProcessesMissingError(
+                    f"process 0 (the coordinator at {cluster.coordinator}) did not gather all {n} processes within "
+                    f"--init-timeout {cluster.init_timeout_s} s; start every process with the same --coordinator")
+            time.sleep(0.5)
+    log(f"waiting for {n} processes at {cluster.coordinator} (--init-timeout {cluster.init_timeout_s} s)", flush=True)
+    waiting: dict[int, socket.socket] = {}
+    with socket.create_server(("", port)) as server:  # every interface, as jax.distributed's service listens
+        server.settimeout(0.5)
+        try:
+            while len(waiting) < n - 1:
+                if time.monotonic() >= deadline:
+                    missing = sorted(set(range(1, n)) - set(waiting))
+                    raise ProcessesMissingError(
+                        f"process id(s) {', '.join(map(str, missing))} of {n} never connected to {cluster.coordinator} "
+                        f"within --init-timeout {cluster.init_timeout_s} s; start them with the same --coordinator "
+                        "and --num-processes")
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(5)
+                try:
+                    pid = int(conn.recv(16).decode().strip())
+                except (OSError, ValueError):
+                    conn.close()
+                    continue
+                if 0 < pid < n:
+                    if pid in waiting:
+                        waiting[pid].close()  # the process retried; keep its newest connection
+                    waiting[pid] = conn
+                else:
+                    conn.close()
+            for conn in waiting.values():
+                conn.sendall(b"go\n")
+            for conn in waiting.values():  # let each process close first, leaving the port free to bind again
+                try:
+                    conn.recv(16)
+                except OSError:
+                    pass
+        finally:
+            for conn in waiting.values():
+                conn.close()
 
 
 class BatchSplitError(ValueError):

@@ -12,6 +12,8 @@ Writes ``W/eval.json`` and ``W/eval_samples.png`` (the grid, labelled with predi
 """
 
 import argparse
+import hashlib
+import inspect
 import json
 import os
 
@@ -59,16 +61,22 @@ def _classifier_step(params, opt_state, images_u8, labels, key):
 _OPTIMIZER = optax.adam(1e-3)
 
 
+def classifier_keys(seed: int):
+    """(init, data order, per-step jitter) keys: one key per use, none of them another's fold_in."""
+    return tuple(jax.random.split(jax.random.key(seed), 3))
+
+
 def train_classifier(train: data.Digits, *, epochs: int, batch_size: int = 128, seed: int = 0):
     """Params of a LeNet trained on ``train`` with Adam, a fixed data order per seed."""
-    key = jax.random.key(seed)
-    params = LeNet().init(key, jnp.zeros((1, 28, 28, 1)))["params"]
+    init_key, order_key, jitter_key = classifier_keys(seed)
+    params = LeNet().init(init_key, jnp.zeros((1, 28, 28, 1)))["params"]
     opt_state = _OPTIMIZER.init(params)
     images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
     steps = epochs * (len(train.labels) // batch_size)
     for step in range(steps):
-        idx = data.batch_indices(jax.random.fold_in(key, 1), step, len(train.labels), batch_size)
-        params, opt_state, _ = _classifier_step(params, opt_state, images[idx], labels[idx], jax.random.fold_in(key, step))
+        idx = data.batch_indices(order_key, step, len(train.labels), batch_size)
+        params, opt_state, _ = _classifier_step(params, opt_state, images[idx], labels[idx],
+                                                jax.random.fold_in(jitter_key, step))
     return params
 
 
@@ -110,24 +118,37 @@ def load_or_train_classifier(source: str, cache_dir: str, *, epochs: int | None 
     """The classifier for ``source``'s training digits: from the cache, else trained and cached."""
     train, held_out = data.load(source, "train"), data.load(source, "test")
     epochs = epochs or (20 if len(train.labels) < 10_000 else 3)
-    key = f"{data.fingerprint(train)}-e{epochs}"
-    path = os.path.join(cache_dir, key + ".msgpack")
+    key = f"{data.fingerprint(train)}-e{epochs}-{_recipe_fingerprint()}"
+    path, info_path = os.path.join(cache_dir, key + ".msgpack"), os.path.join(cache_dir, key + ".json")
     template = LeNet().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
-    if os.path.exists(path):
+    if os.path.exists(path) and os.path.exists(info_path):
         with open(path, "rb") as f:
             params = serialization.from_bytes(template, f.read())
-        with open(os.path.join(cache_dir, key + ".json")) as f:
+        with open(info_path) as f:
             acc = json.load(f)["held_out_accuracy"]
         return params, acc, held_out
     params = train_classifier(train, epochs=epochs)
     acc = accuracy(params, held_out)
     os.makedirs(cache_dir, exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(serialization.to_bytes(params))
-    os.replace(path + ".tmp", path)
-    with open(os.path.join(cache_dir, key + ".json"), "w") as f:
-        json.dump({"held_out_accuracy": acc, "epochs": epochs, "train_images": len(train.labels)}, f)
+    # Each file atomically, the weights last: weights on disk mean their record is there too.
+    _write_atomically(info_path, json.dumps({"held_out_accuracy": acc, "epochs": epochs,
+                                             "train_images": len(train.labels)}).encode())
+    _write_atomically(path, serialization.to_bytes(params))
     return params, acc, held_out
+
+
+def _write_atomically(path: str, blob: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(blob)
+    os.replace(path + ".tmp", path)
+
+
+def _recipe_fingerprint() -> str:
+    """A hash of the classifier's architecture and training code: a cached classifier is reused only
+    when both are the ones that trained it."""
+    shapes = jax.eval_shape(lambda: LeNet().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+    source = "".join(inspect.getsource(f) for f in (LeNet, _classifier_step, train_classifier))
+    return hashlib.sha256((str(shapes) + source).encode()).hexdigest()[:12]
 
 
 def sample_report(classifier, samples, reference_images) -> dict:
@@ -184,13 +205,18 @@ def main(argv=None) -> None:
     source = args.data or config.get("data", data.BUNDLED)
     try:
         if args.torch_checkpoint:
-            from parity import torch_to_flax
+            from parity import CheckpointMismatchError, WeightsFileError, torch_to_flax
 
-            params, n_T = torch_to_flax(args.torch_checkpoint)["params"], 1000
+            try:
+                params, n_T = torch_to_flax(args.torch_checkpoint)["params"], 1000
+            except WeightsFileError as error:
+                raise SystemExit(f"error: --torch-checkpoint: {error}") from None
+            except CheckpointMismatchError as error:
+                raise SystemExit(f"error: --torch-checkpoint {args.torch_checkpoint}: {error.one_line()}") from None
         else:
             config, restored = checkpoints.restore_latest_params(args.workdir)
             params, n_T = restored["params" if args.raw else "ema_params"], config["n_T"]
-    except FileNotFoundError as error:
+    except (FileNotFoundError, checkpoints.NoReadableCheckpointError) as error:
         raise SystemExit(f"error: {error}") from None
     classifier, acc, held_out = load_or_train_classifier(source, args.classifier_dir)
     samples = generate_on_local_devices(params, jax.random.key(args.seed), num=args.num, sampler=args.sampler,

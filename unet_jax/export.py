@@ -7,6 +7,7 @@ starts from, so that ``python -m unet_torch.train --init-from`` can start from t
 """
 
 import argparse
+import os
 
 from unet_jax import checkpoints
 
@@ -27,12 +28,13 @@ def export_initial(seed: int, out: str) -> None:
 
 
 def save_torch(params, out: str) -> None:
-    """Flax params -> a torch state_dict file (.pt/.pth, or .safetensors by the extension)."""
+    """Flax params -> a torch state_dict file (.pt/.pth, or .safetensors by the extension); makes its folder."""
     import torch
 
     from parity import flax_to_torch  # the torch boundary lives in parity
 
     state_dict = flax_to_torch({"params": params})
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".safetensors"):
         from safetensors.torch import save_file
 
@@ -57,7 +59,7 @@ def main(argv=None) -> None:
         return
     try:
         step = export(args.workdir, args.out, raw=args.raw)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, checkpoints.NoReadableCheckpointError) as error:
         raise SystemExit(f"error: {error}") from None
     print(f"wrote the {'raw' if args.raw else 'EMA'} weights of {args.workdir} at step {step} to {args.out}")
 

@@ -13,7 +13,9 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unet_jax.layers import Conv3x3, ConvPlan, ConvTranspose, avg_pool, max_pool
 
@@ -43,6 +45,25 @@ def check_image(x):
         raise ValueError(
             f"expected x of shape (B, 28, 28, 1) (NHWC, one 28x28 channel), got {tuple(x.shape)}"
         )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"expected x as floats in [-1, 1] (pixels / 127.5 - 1), got {x.dtype}: "
+                         "convert uint8 images with unet_jax.data.to_model_range")
+
+
+def check_timesteps(t, batch: int):
+    """t must be (B,) floats holding timestep / n_T, so within [0, 1]. Values are checked only where
+    they are concrete: under jit they are not known until the program runs."""
+    if jnp.size(t) != batch:
+        raise ValueError(f"expected t of shape ({batch},) holding timestep / n_T, got {tuple(jnp.shape(t))}")
+    dtype = jnp.asarray(t).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"expected t as floats holding timestep / n_T in [0, 1], got {dtype}")
+    if not isinstance(t, jax.core.Tracer):
+        values = np.asarray(t, np.float64).ravel()
+        bad = values[~((values >= 0.0) & (values <= 1.0))]  # NaN fails both comparisons
+        if bad.size:
+            raise ValueError(f"expected t = timestep / n_T in [0, 1], got {bad[0]} ({bad.size} of {values.size} "
+                             "outside): divide the timesteps by n_T")
 
 
 class ConvBlock(nn.Module):
@@ -187,9 +208,7 @@ class Unet(nn.Module):
     def intermediates(self, x, t):
         """Every tensor the tutorial names, keyed by its name, ending with eps_hat."""
         check_image(x)
-        batch = x.shape[0]
-        if jnp.size(t) != batch:
-            raise ValueError(f"expected t of shape ({batch},) holding timestep / n_T, got {tuple(jnp.shape(t))}")
+        check_timesteps(t, x.shape[0])
         x_f, d1, d2, d3, latent = self.encoder(x)
         temb = self.time_embedding_layer(t)
         u1, u2, u3, u4, eps_hat = self.decoder(latent + temb, d3, d2, d1, x_f)

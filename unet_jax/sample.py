@@ -91,8 +91,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error("--num must be at least 1")
-
-    config, restored = checkpoints.restore_latest_params(args.workdir)
+    if args.sample_steps < 1:
+        parser.error("--sample-steps must be at least 1")
+    if not os.path.isdir(args.workdir):
+        raise SystemExit(f"error: no workdir at {args.workdir}: give the --workdir of a training run")
+    try:
+        config, restored = checkpoints.restore_latest_params(args.workdir)
+    except (FileNotFoundError, checkpoints.NoReadableCheckpointError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.sampler == "ddim" and args.sample_steps > config["n_T"]:
+        raise SystemExit(f"error: --sample-steps {args.sample_steps} exceeds the run's n_T {config['n_T']}")
     images = generate_on_local_devices(restored["params" if args.raw else "ema_params"], jax.random.key(args.seed),
                                        num=args.num, sampler=args.sampler, steps=args.sample_steps,
                                        n_T=config["n_T"], eta=args.eta, clip_x0=not args.no_clip_x0, conv=args.conv)

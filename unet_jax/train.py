@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -63,8 +64,18 @@ class Config:
     steps_per_dispatch: int = 5  # K steps in one device program; see train_steps
     conv: str = "auto"  # 3x3 conv lowering; auto: measured on this machine (unet_jax.autotune)
 
+    def __post_init__(self):
+        # NaN passes every "<= 0" check and would train to NaN and be written into config.json.
+        for name in ("lr", "eta", "ema_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"Config.{name} must be a finite number, got {getattr(self, name)}")
+
 
 IDENTITY = ("batch_size", "lr", "warmup_steps", "decay_steps", "seed", "data", "ema_decay", "dtype", "n_T", "init_from")
+
+
+NONFINITE_LOSS, NONFINITE_GRADIENTS, NONFINITE_PARAMETERS = 1, 2, 4
+_NONFINITE_NAMES = ((NONFINITE_LOSS, "loss"), (NONFINITE_GRADIENTS, "gradients"), (NONFINITE_PARAMETERS, "parameters"))
 
 
 @flax.struct.dataclass
@@ -130,8 +141,9 @@ def apply_update(state: TrainState, x0, t_B, noise, *, model: Unet, tx, schedule
     Written per device (shard_map) rather than left to XLA's partitioner, which would gather
     the whole batch onto every device for a layer that loops over images.
 
-    Returns (state, metrics): metrics holds the step, its loss, and whether the loss and the
-    gradients were finite (finite loss with infinite gradients still ruins the parameters).
+    Returns (state, metrics): metrics holds the step, its loss, and ``nonfinite``, a bit set of
+    what was not finite: NONFINITE_LOSS, NONFINITE_GRADIENTS, NONFINITE_PARAMETERS (a finite loss
+    and finite gradients can still produce infinite parameters, from a huge learning rate).
     """
     grad_fn = functools.partial(loss_and_grads, model=model, schedule=schedule)
     if sharding is not None:
@@ -146,8 +158,11 @@ def apply_update(state: TrainState, x0, t_B, noise, *, model: Unet, tx, schedule
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, ema_decay)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    return TrainState(state.step + 1, params, ema_params, opt_state), {"step": state.step, "loss": loss, "finite": finite}
+    nonfinite = (jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS)
+                 | jnp.where(jnp.isfinite(optax.tree.norm(grads)), 0, NONFINITE_GRADIENTS)
+                 | jnp.where(jnp.isfinite(optax.tree.norm(params)), 0, NONFINITE_PARAMETERS))
+    return TrainState(state.step + 1, params, ema_params, opt_state), {"step": state.step, "loss": loss,
+                                                                        "nonfinite": nonfinite}
 
 
 def train_step(state: TrainState, images_u8, keys, *, model, tx, schedule, batch_size: int, ema_decay: float,
@@ -169,23 +184,46 @@ def train_step(state: TrainState, images_u8, keys, *, model, tx, schedule, batch
 
 # ------------------------------------------------------------------------------------ the run
 
+class WorkdirError(RuntimeError):
+    """The workdir, or its checkpoints folder, cannot be written."""
+
+
+class InitFromError(ValueError):
+    """--init-from names a file that is not the tutorial Unet's float weights."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the run stops rather than train on without one."""
+
+
 def _prepare_workdir(workdir: str) -> None:
-    try:
-        os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-        probe = os.path.join(workdir, f".write-test-{os.getpid()}")  # one per process: several may share it
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise SystemExit(f"error: cannot write to workdir {workdir!r}: {error.strerror or error}") from None
+    """Make the workdir and its samples and checkpoints folders, and check that each takes a file.
+
+    Checked before any training: a save that fails later would cost the steps before it.
+    """
+    for folder in (workdir, os.path.join(workdir, "samples"), checkpoints.checkpoint_dir(workdir)):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, f".write-test-{os.getpid()}")  # one per process: several may share it
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as error:
+            raise WorkdirError(f"cannot write to {folder!r} (of --workdir {workdir}): {error.strerror or error}") from None
 
 
 def _initial_params(config: Config, key):
     if config.init_from:
-        from parity import torch_to_flax  # the torch boundary: only when asked for
+        from parity import CheckpointMismatchError, WeightsFileError, torch_to_flax  # the torch boundary
 
+        try:
+            ported = torch_to_flax(config.init_from)["params"]
+        except WeightsFileError as error:
+            raise InitFromError(f"--init-from: {error}") from None
+        except CheckpointMismatchError as error:
+            raise InitFromError(f"--init-from {config.init_from}: {error.one_line()}") from None
         # Training keeps float32 parameters whatever the checkpoint's dtype (fp16, bf16, f64).
-        return jax.tree.map(lambda a: a.astype(jnp.float32), torch_to_flax(config.init_from)["params"])
+        return jax.tree.map(lambda a: a.astype(jnp.float32), ported)
     return init_variables(key)["params"]
 
 
@@ -214,14 +252,30 @@ class PeerLostError(RuntimeError):
     """Another process of a multi-process run stopped; this one cannot go on alone."""
 
 
-def train(config: Config) -> TrainState:
+def train(config: Config, *, adopt: bool = False) -> TrainState:
     """Run (or resume) ``config`` to ``config.steps``; returns the final state.
 
     Every process of a multi-process run calls this with the same config; process 0 alone
-    logs and writes samples, and all of them write their share of each checkpoint.
+    logs and writes samples, and all of them write their share of each checkpoint. Process 0
+    holds the workdir's lock for the whole run, so a second trainer on it is refused.
+    ``adopt``: the workdir's checkpoints lost their config.json; take this config as theirs.
     """
     primary = devices.is_primary()
+    init_key, data_key, noise_key, sample_key = run_keys(config.seed)
+    # Read --init-from before writing anything: a bad file must leave no trace in the workdir.
+    initial = _initial_params(config, init_key) if not checkpoints.committed_steps(config.workdir) else None
     _prepare_workdir(config.workdir)
+    lock = checkpoints.WorkdirLock(config.workdir) if primary else None
+    try:
+        return _train(config, adopt, initial, (init_key, data_key, noise_key, sample_key))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
+    primary = devices.is_primary()
+    init_key, data_key, noise_key, sample_key = run_key_set
     images = data.load(config.data, "train")
     if len(images.images) < config.batch_size:
         raise SystemExit(f"error: --batch-size {config.batch_size} exceeds the {len(images.images)} training images")
@@ -229,25 +283,31 @@ def train(config: Config) -> TrainState:
     identity = {k: getattr(config, k) for k in IDENTITY} | {"data_fingerprint": data.fingerprint(images)}
     mgr = checkpoints.manager(config.workdir)
     try:
-        checkpoints.check_compatible(config.workdir, identity, mgr)
+        if not (adopt and checkpoints.read_config(config.workdir) is None):
+            checkpoints.check_compatible(config.workdir, identity, mgr)
     except checkpoints.IncompatibleWorkdirError:
         mgr.close()
         raise
     if primary:
         checkpoints.write_config(config.workdir, identity)
 
-    init_key, data_key, noise_key, sample_key = run_keys(config.seed)
     model = Unet(conv=_conv_plan(config, mesh), dtype=DTYPES[config.dtype])
     schedule = linear_schedule(config.n_T)
     tx = make_optimizer(config)
-    latest = mgr.latest_step()
     # On resume the checkpoint holds everything; the initial weights only give the tree's shape.
-    params = _initial_params(config, init_key) if latest is None else init_variables(init_key)["params"]
+    params = initial if initial is not None else init_variables(init_key)["params"]
     # Parameters and optimizer state are replicated over the mesh; a checkpoint restores into
     # that layout whatever device count wrote it.
     state = jax.device_put(create_state(params, tx), devices.replicated(mesh))
+    log = print if primary else (lambda *_: None)
+    try:
+        latest, restored = checkpoints.restore_newest_readable(
+            mgr, lambda _: ocp.args.StandardRestore(state), set_aside=True, log=log)
+    except checkpoints.NoReadableCheckpointError:
+        mgr.close()
+        raise
     if latest is not None:
-        state = mgr.restore(latest, args=ocp.args.StandardRestore(state))
+        state = restored
         print(f"resumed {config.workdir} from step {latest}")
     metrics_path = os.path.join(config.workdir, "metrics.jsonl")
     if primary:
@@ -290,17 +350,27 @@ def train(config: Config) -> TrainState:
     metrics_file = open(metrics_path, "a") if primary else None
     bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout,
                disable=not primary)
-    last_good = latest
     to_log = None  # a finished log window, fetched after the next dispatch (one dispatch late)
     window_start = time.perf_counter()
+
+    def last_committed() -> str:
+        steps = checkpoints.committed_steps(config.workdir)
+        return f"step {steps[-1]}" if steps else "none (no checkpoint was completed)"
 
     def check_finite(host_acc):
         if host_acc["first_bad_step"] >= 0:
             mgr.wait_until_finished()
-            kept = (f"the last good checkpoint (step {last_good}) is kept" if last_good is not None
-                    else "no checkpoint was written")
-            raise FloatingPointError(f"non-finite loss ({host_acc['bad_loss']}) at step {host_acc['first_bad_step']}; "
-                                     f"stopping. In {config.workdir}, {kept}.")
+            raise FloatingPointError(f"{describe_nonfinite(host_acc)}; stopping. The last complete checkpoint in "
+                                     f"{config.workdir} is {last_committed()}, and it is kept.")
+
+    def save(done):
+        try:
+            mgr.save(done, args=ocp.args.StandardSave(state))
+            mgr.check_for_errors()
+        except Exception as error:  # Orbax reports a failed write from any layer (OS, TensorStore, its own)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise CheckpointSaveError(f"saving the checkpoint of step {done} in {config.workdir} failed ({reason}); "
+                                      f"stopping. The last complete checkpoint is {last_committed()}.") from error
 
     def write_log(done, window_acc, seconds):
         host = devices.fetch(window_acc)
@@ -313,7 +383,7 @@ def train(config: Config) -> TrainState:
         metrics_file.flush()
         bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
 
-    step = start
+    step, save_failed = start, False
     try:
         while step < config.steps:
             count = _steps_in_dispatch(config, step)
@@ -334,27 +404,40 @@ def train(config: Config) -> TrainState:
                     write_log(*to_log)
                     to_log = None
                 check_finite(devices.fetch(acc))  # never save parameters that a non-finite step produced
-                mgr.save(done, args=ocp.args.StandardSave(state))
-                last_good = done
+                save(done)
             if (config.sample_every and done % config.sample_every == 0) or done == config.steps:
                 _sample_and_plot(config, model, state, mesh, sample_key, done)
     except (jax.errors.JaxRuntimeError, ValueError) as error:
-        if jax.process_count() == 1:
+        if jax.process_count() == 1 or not _is_lost_peer(error):
             raise
-        # A collective whose peer died fails here (gloo: "Connection closed by peer").
         first_line = str(error).strip().splitlines()[0]
         raise PeerLostError(
             f"process {jax.process_index()} of {jax.process_count()} stopped at step {step}: {first_line}\n"
             "A process that dies (killed, out of memory, preempted) shows up like this in the others. "
-            f"The last complete checkpoint in {config.workdir} is step {last_good}; run the same command "
-            "on every process again to resume from it.") from None
+            f"The last complete checkpoint in {config.workdir} is {last_committed()}; run the same command "
+            "on every process again to resume from it.") from error
+    except CheckpointSaveError:
+        save_failed = True
+        raise
     finally:
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
-        mgr.wait_until_finished()
+        if not save_failed:  # waiting on a failed save would only wait out Orbax's timeouts
+            mgr.wait_until_finished()
         mgr.close()
     return state
+
+
+# What a collective reports when a peer process died: gloo's closed connection, or the
+# coordination service's missing heartbeat.
+_LOST_PEER_MARKERS = ("connection closed by peer", "connection reset", "broken pipe", "heartbeat", "unavailable",
+                      "gloo", "coordination service", "task died", "socket closed")
+
+
+def _is_lost_peer(error: Exception) -> bool:
+    text = str(error).lower()
+    return any(marker in text for marker in _LOST_PEER_MARKERS)
 
 
 def _conv_plan(config: Config, mesh) -> ConvPlan:
@@ -386,10 +469,15 @@ def _steps_in_dispatch(config: Config, step: int) -> int:
 
 
 def new_accumulator(previous=None) -> dict:
-    """Device-side log window: loss sum and count, and the first non-finite step (kept across windows)."""
+    """Device-side log window: loss sum and count, and the first non-finite step, its loss and what was
+    not finite (kept across windows)."""
+    def kept(name, initial):
+        return jnp.copy(previous[name]) if previous else initial
+
     return {"loss_sum": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.int32),
-            "first_bad_step": jnp.copy(previous["first_bad_step"]) if previous else jnp.full((), -1, jnp.int32),
-            "bad_loss": jnp.copy(previous["bad_loss"]) if previous else jnp.zeros((), jnp.float32)}
+            "first_bad_step": kept("first_bad_step", jnp.full((), -1, jnp.int32)),
+            "bad_loss": kept("bad_loss", jnp.zeros((), jnp.float32)),
+            "bad_what": kept("bad_what", jnp.zeros((), jnp.int32))}
 
 
 def train_and_accumulate(state: TrainState, acc: dict, images_u8, keys, **step_kwargs):
@@ -430,17 +518,39 @@ def jit_train_steps(steps: int, **step_kwargs):
 
 def accumulate(acc: dict, metrics: dict) -> dict:
     """Fold one step's metrics into the window, on the device: no host sync per step."""
-    newly_bad = (acc["first_bad_step"] < 0) & ~metrics["finite"]
+    newly_bad = (acc["first_bad_step"] < 0) & (metrics["nonfinite"] != 0)
     return {"loss_sum": acc["loss_sum"] + metrics["loss"].astype(jnp.float32), "count": acc["count"] + 1,
             "first_bad_step": jnp.where(newly_bad, metrics["step"], acc["first_bad_step"]),
-            "bad_loss": jnp.where(newly_bad, metrics["loss"].astype(jnp.float32), acc["bad_loss"])}
+            "bad_loss": jnp.where(newly_bad, metrics["loss"].astype(jnp.float32), acc["bad_loss"]),
+            "bad_what": jnp.where(newly_bad, metrics["nonfinite"].astype(jnp.int32), acc["bad_what"])}
+
+
+def describe_nonfinite(host_acc: dict) -> str:
+    """'non-finite gradients at step 4 (loss 1.67e+21)' from a fetched accumulator with a bad step."""
+    what = [name for bit, name in _NONFINITE_NAMES if int(host_acc["bad_what"]) & bit]
+    what = " and ".join(what) if len(what) < 3 else f"{what[0]}, {what[1]} and {what[2]}"
+    return (f"non-finite {what} at step {int(host_acc['first_bad_step'])} "
+            f"(loss {float(host_acc['bad_loss']):.3g})")
 
 
 def _trim_metrics(path: str, upto: int) -> None:
+    """Keep the rows up to step ``upto``; drop, and report, lines a crash left unreadable."""
     if not os.path.exists(path):
         return
+    rows, torn = [], 0
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= upto]
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                torn += 1
+                continue
+            if step <= upto:
+                rows.append(line if line.endswith("\n") else line + "\n")
+    if torn:
+        print(f"note: dropped {torn} unreadable line(s) of {path} (a write cut short by a crash)")
     with open(path + ".tmp", "w") as f:
         f.writelines(rows)
     os.replace(path + ".tmp", path)
@@ -464,10 +574,17 @@ def _sample_and_plot(config: Config, model: Unet, state: TrainState, mesh, key, 
 def _positive(kind):
     def parse(text):
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        if not (value > 0 and math.isfinite(value)):  # NaN fails every comparison, so ask for > 0, not <= 0
+            raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
         return value
     return parse
+
+
+def _finite(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
 
 
 def _non_negative(text):
@@ -506,11 +623,13 @@ def build_parser(*, jax_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=_non_negative, default=d.ckpt_every, help="0 disables; the end always saves")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default=d.sampler)
     p.add_argument("--sample-steps", type=_positive(int), default=d.sample_steps, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--eta", type=_finite, default=d.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--num-samples", type=_positive(int), default=d.num_samples)
     p.add_argument("--log-every", type=_positive(int), default=d.log_every)
     if not jax_flags:
         return p
+    p.add_argument("--adopt", action="store_true",
+                   help="the workdir's checkpoints lost their config.json: write it from these flags and resume")
     autotune.add_conv_flag(p, d.conv)
     p.add_argument("--steps-per-dispatch", type=_positive(int), default=d.steps_per_dispatch, metavar="K",
                    help="K train steps in one device program (default %(default)s; compile time grows with K)")
@@ -522,16 +641,23 @@ def build_parser(*, jax_flags: bool = True) -> argparse.ArgumentParser:
                    help="detect the processes from SLURM, Open MPI or the TPU VM (jax.distributed.initialize())")
     g.add_argument("--heartbeat-timeout", type=_positive(int), default=devices.Cluster.heartbeat_timeout_s,
                    help="seconds after which a silent process counts as dead and the run stops (default %(default)s)")
+    g.add_argument("--init-timeout", type=_positive(int), default=devices.Cluster.init_timeout_s,
+                   help="seconds the processes wait for each other to start (default %(default)s)")
     return p
 
 
-def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, devices.Cluster]:
-    """Flags -> (Config, Cluster), with the checks argparse cannot make alone; downloads MNIST if asked."""
+def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, devices.Cluster, dict]:
+    """Flags -> (Config, Cluster, options), with the checks argparse cannot make alone.
+
+    options: {'download': bool, 'adopt': bool}, what the flags ask for besides the run itself.
+    """
     args = vars(parser.parse_args(argv))
-    download = args.pop("download")
+    options = {"download": args.pop("download"), "adopt": args.pop("adopt", False)}
+    download = options["download"]
     cluster = devices.Cluster(coordinator=args.pop("coordinator", None), num_processes=args.pop("num_processes", None),
                               process_id=args.pop("process_id", None), detect=args.pop("distributed", False),
-                              heartbeat_timeout_s=args.pop("heartbeat_timeout", devices.Cluster.heartbeat_timeout_s))
+                              heartbeat_timeout_s=args.pop("heartbeat_timeout", devices.Cluster.heartbeat_timeout_s),
+                              init_timeout_s=args.pop("init_timeout", devices.Cluster.init_timeout_s))
     explicit = (cluster.coordinator, cluster.num_processes, cluster.process_id)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
@@ -544,24 +670,44 @@ def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, de
         parser.error("--download needs --data ROOT, the folder to download MNIST into")
     if args["sample_steps"] > args["n_T"]:
         parser.error(f"--sample-steps {args['sample_steps']} exceeds --n-T {args['n_T']}")
-    if download and (cluster.process_id or 0) == 0:
-        data.download(args["data"])
-    return Config(**args), cluster
+    return Config(**args), cluster, options
+
+
+def download_once(root: str) -> None:
+    """--download: process 0 downloads into ``root`` while the others wait for it (one shared root
+    downloaded into by every task at once would be corrupted). Call after start_processes."""
+    if jax.process_index() == 0:
+        data.download(root)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("unet_jax: MNIST downloaded")
+
+
+# A user's mistake or a fault the run cannot go on from: one line, no traceback.
+USER_ERRORS = (data.MnistError, checkpoints.IncompatibleWorkdirError, checkpoints.WorkdirBusyError,
+               checkpoints.NoReadableCheckpointError, devices.BatchSplitError, devices.ProcessesMissingError,
+               FloatingPointError, WorkdirError, InitFromError, CheckpointSaveError)
 
 
 def main(argv=None) -> None:
-    config, cluster = parse_config(build_parser(), argv)
+    config, cluster, options = parse_config(build_parser(), argv)
     if not cluster.multi_process:
         devices.use_all_cpu_cores(config.batch_size)  # one process: a device per core (that splits the batch)
-    devices.start_processes(cluster)
     try:
-        train(config)
+        devices.start_processes(cluster)
+        if options["download"]:
+            download_once(config.data)
+        train(config, adopt=options["adopt"])
     except PeerLostError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         # Not SystemExit: jax.distributed's shutdown would wait for the lost process, then abort.
         os._exit(1)
-    except (data.MnistError, checkpoints.IncompatibleWorkdirError, devices.BatchSplitError,
-            FloatingPointError) as error:
+    except USER_ERRORS as error:
+        if isinstance(error, CheckpointSaveError) or jax.process_count() > 1:
+            # Orbax's threads (a failed save) or jax.distributed's shutdown would hold the exit for minutes.
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            os._exit(1)
         raise SystemExit(f"error: {error}") from None
 
 

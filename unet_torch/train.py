@@ -97,16 +97,27 @@ def train(config) -> dict:
     schedule = linear_schedule(config.n_T)
     model = Unet()
     if config.init_from:
-        from parity import load_state_dict
+        from parity import CheckpointMismatchError, check_floating, load_state_dict
 
-        model.load_state_dict(load_state_dict(config.init_from), strict=True)
+        state_dict = load_state_dict(config.init_from)
+        check_floating(state_dict, f"--init-from {config.init_from}")
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as error:  # torch lists the missing, unexpected and misshapen keys
+            raise CheckpointMismatchError(f"--init-from {config.init_from} does not match the tutorial's Unet:\n"
+                                          + str(error).split(":", 1)[-1].strip()) from None
     ema = Unet()
     ema.load_state_dict(model.state_dict())
     optimizer, scheduler = make_optimizer(model, config.lr, config.warmup_steps, config.decay_steps)
     start = 0
     checkpoint_path = os.path.join(config.workdir, "checkpoint.pt")
     if os.path.exists(checkpoint_path):
-        saved = torch.load(checkpoint_path, weights_only=True)
+        from parity import WeightsFileError, load_state_dict
+
+        try:
+            saved = load_state_dict(checkpoint_path)
+        except WeightsFileError as error:
+            raise WeightsFileError(f"the run's own checkpoint: {error}. Move it away to start the run over") from None
         for obj, key in ((model, "model"), (ema, "ema"), (optimizer, "optimizer"), (scheduler, "scheduler")):
             obj.load_state_dict(saved[key])
         generator.set_state(saved["generator"])
@@ -173,12 +184,18 @@ def main(argv=None) -> None:
     parser.prog = "python -m unet_torch.train"
     parser.description = __doc__.splitlines()[0]
     parser.set_defaults(workdir="runs/torch")
-    config, _ = parse_config(parser, argv)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    from parity import CheckpointMismatchError, WeightsFileError
+
+    config, _, options = parse_config(parser, argv)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # none on macOS
+    torch.set_num_threads(cores or 1)
     try:
+        if options["download"]:
+            data.download(config.data)
         train(config)
-    except data.MnistError as error:
-        raise SystemExit(f"error: {error}") from None
+    except (data.MnistError, WeightsFileError, CheckpointMismatchError) as error:
+        message = error.one_line() if isinstance(error, CheckpointMismatchError) else str(error)
+        raise SystemExit(f"error: {message}") from None
 
 
 if __name__ == "__main__":
