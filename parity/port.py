@@ -144,6 +144,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsFileError(f"no weights file at {path!r}")
     if not os.path.isfile(path):
         raise WeightsFileError(f"{path!r} is a directory, not a weights file: give the .pt or .safetensors file in it")
+    if not os.access(path, os.R_OK):
+        raise WeightsFileError(f"cannot read {path!r}: permission denied")
     if os.path.getsize(path) == 0:
         raise WeightsFileError(f"{path!r} is empty (0 bytes): save the state_dict again")
     if path.endswith(".safetensors"):

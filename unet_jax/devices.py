@@ -12,6 +12,7 @@ in ``XLA_FLAGS`` is respected.
 
 import dataclasses
 import os
+import select
 import socket
 import time
 
@@ -83,8 +84,8 @@ def use_all_cpu_cores(batch_size: int | None = None) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()
 
 
-class ProcessesMissingError(RuntimeError):
-    """Not every process of a multi-process run connected within the time allowed."""
+class RollCallError(RuntimeError):
+    """The processes of a multi-process run could not gather: one never came, or the port is taken."""
 
 
 def _roll_call(cluster: Cluster, log=print) -> None:
@@ -94,10 +95,10 @@ def _roll_call(cluster: Cluster, log=print) -> None:
     task that died, and cannot say which processes never came. So process 0 first listens on
     HOST:PORT itself and takes a roll call: each process sends its id, and when all have come,
     process 0 answers them, closes the port, and jax.distributed starts on it. Raises
-    ProcessesMissingError naming the absent process ids after ``init_timeout_s``.
+    RollCallError naming the absent process ids after ``init_timeout_s``.
     """
     host, _, port = cluster.coordinator.rpartition(":")
-    port, n, me = int(port), cluster.num_processes, cluster.process_id
+    host, port, n, me = host.strip("[]"), int(port), cluster.num_processes, cluster.process_id
     deadline = time.monotonic() + cluster.init_timeout_s
     if me != 0:
         log(f"process {me}: waiting for process 0 at {cluster.coordinator} (--init-timeout {cluster.init_timeout_s} s)",
@@ -112,19 +113,25 @@ def _roll_call(cluster: Cluster, log=print) -> None:
             except OSError:
                 pass
             if time.monotonic() >= deadline:
-                raise ProcessesMissingError(
+                raise RollCallError(
                     f"process 0 (the coordinator at {cluster.coordinator}) did not gather all {n} processes within "
                     f"--init-timeout {cluster.init_timeout_s} s; start every process with the same --coordinator")
             time.sleep(0.5)
     log(f"waiting for {n} processes at {cluster.coordinator} (--init-timeout {cluster.init_timeout_s} s)", flush=True)
     waiting: dict[int, socket.socket] = {}
-    with socket.create_server(("", port)) as server:  # every interface, as jax.distributed's service listens
+    try:  # every interface, as jax.distributed's service listens
+        server = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True) \
+            if socket.has_dualstack_ipv6() else socket.create_server(("", port))
+    except OSError as error:
+        raise RollCallError(f"process 0 cannot listen on port {port} of --coordinator {cluster.coordinator} "
+                            f"({error.strerror or error}); choose a free port") from None
+    with server:
         server.settimeout(0.5)
         try:
             while len(waiting) < n - 1:
                 if time.monotonic() >= deadline:
                     missing = sorted(set(range(1, n)) - set(waiting))
-                    raise ProcessesMissingError(
+                    raise RollCallError(
                         f"process id(s) {', '.join(map(str, missing))} of {n} never connected to {cluster.coordinator} "
                         f"within --init-timeout {cluster.init_timeout_s} s; start them with the same --coordinator "
                         "and --num-processes")
@@ -144,6 +151,9 @@ def _roll_call(cluster: Cluster, log=print) -> None:
                     waiting[pid] = conn
                 else:
                     conn.close()
+                if len(waiting) == n - 1:
+                    for pid in [p for p, c in waiting.items() if _closed(c)]:  # gave up waiting for the others
+                        waiting.pop(pid).close()
             for conn in waiting.values():
                 conn.sendall(b"go\n")
             for conn in waiting.values():  # let each process close first, leaving the port free to bind again
@@ -154,6 +164,28 @@ def _roll_call(cluster: Cluster, log=print) -> None:
         finally:
             for conn in waiting.values():
                 conn.close()
+
+
+def _closed(conn: socket.socket) -> bool:
+    """Whether the peer closed ``conn`` (it sends nothing more before 'go', so readable means closed)."""
+    readable, _, _ = select.select([conn], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return conn.recv(16, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+def agree(ok: bool) -> bool:
+    """Process 0's ``ok``, on every process (itself alone in a single-process run).
+
+    For a check that process 0 alone makes (the workdir lock, a download): the others learn
+    its outcome and can stop too, rather than wait at the next barrier for a process that left.
+    """
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
 class BatchSplitError(ValueError):

@@ -159,10 +159,15 @@ def apply_update(state: TrainState, x0, t_B, noise, *, model: Unet, tx, schedule
     decay = ema_decay_at(state.step, ema_decay)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
     nonfinite = (jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS)
-                 | jnp.where(jnp.isfinite(optax.tree.norm(grads)), 0, NONFINITE_GRADIENTS)
-                 | jnp.where(jnp.isfinite(optax.tree.norm(params)), 0, NONFINITE_PARAMETERS))
+                 | jnp.where(_all_finite(grads), 0, NONFINITE_GRADIENTS)
+                 | jnp.where(_all_finite(params), 0, NONFINITE_PARAMETERS))
     return TrainState(state.step + 1, params, ema_params, opt_state), {"step": state.step, "loss": loss,
                                                                         "nonfinite": nonfinite}
+
+
+def _all_finite(tree):
+    """Every element finite (a norm could overflow where every element is finite)."""
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
 
 
 def train_step(state: TrainState, images_u8, keys, *, model, tx, schedule, batch_size: int, ema_decay: float,
@@ -265,7 +270,15 @@ def train(config: Config, *, adopt: bool = False) -> TrainState:
     # Read --init-from before writing anything: a bad file must leave no trace in the workdir.
     initial = _initial_params(config, init_key) if not checkpoints.committed_steps(config.workdir) else None
     _prepare_workdir(config.workdir)
-    lock = checkpoints.WorkdirLock(config.workdir) if primary else None
+    lock, busy = None, None
+    if primary:
+        try:
+            lock = checkpoints.WorkdirLock(config.workdir)
+        except checkpoints.WorkdirBusyError as error:
+            busy = error
+    # Process 0 alone takes the lock; the others learn its outcome rather than wait at a barrier for it.
+    if not devices.agree(busy is None):
+        raise busy or checkpoints.WorkdirBusyError(f"process 0 found {config.workdir} in use by another trainer")
     try:
         return _train(config, adopt, initial, (init_key, data_key, noise_key, sample_key))
     finally:
@@ -363,14 +376,35 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
             raise FloatingPointError(f"{describe_nonfinite(host_acc)}; stopping. The last complete checkpoint in "
                                      f"{config.workdir} is {last_committed()}, and it is kept.")
 
+    in_flight = None  # the step of the asynchronous save not yet confirmed on disk
+
+    def save_failed_error(step, reason):
+        return CheckpointSaveError(f"saving the checkpoint of step {step} in {config.workdir} failed ({reason}); "
+                                   f"stopping. The last complete checkpoint is {last_committed()}.")
+
+    def confirm_saved():
+        """Wait for the save in flight and check that it reached the disk: Orbax logs a failed
+        background write and carries on, which would leave the run without checkpoints."""
+        nonlocal in_flight
+        if in_flight is None:
+            return
+        step, in_flight = in_flight, None
+        try:
+            mgr.wait_until_finished()
+        except Exception as error:  # Orbax reports a failed write from any layer (OS, TensorStore, its own)
+            raise save_failed_error(step, _first_line(error)) from error
+        # Process 0 commits a checkpoint (renames its folder) once every process has written its share.
+        if primary and step not in checkpoints.committed_steps(config.workdir):
+            raise save_failed_error(step, "it never reached the disk; see Orbax's log above")
+
     def save(done):
+        nonlocal in_flight
+        confirm_saved()
         try:
             mgr.save(done, args=ocp.args.StandardSave(state))
-            mgr.check_for_errors()
-        except Exception as error:  # Orbax reports a failed write from any layer (OS, TensorStore, its own)
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise CheckpointSaveError(f"saving the checkpoint of step {done} in {config.workdir} failed ({reason}); "
-                                      f"stopping. The last complete checkpoint is {last_committed()}.") from error
+        except Exception as error:
+            raise save_failed_error(done, _first_line(error)) from error
+        in_flight = done
 
     def write_log(done, window_acc, seconds):
         host = devices.fetch(window_acc)
@@ -407,6 +441,7 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
                 save(done)
             if (config.sample_every and done % config.sample_every == 0) or done == config.steps:
                 _sample_and_plot(config, model, state, mesh, sample_key, done)
+        confirm_saved()
     except (jax.errors.JaxRuntimeError, ValueError) as error:
         if jax.process_count() == 1 or not _is_lost_peer(error):
             raise
@@ -423,16 +458,22 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
-        if not save_failed:  # waiting on a failed save would only wait out Orbax's timeouts
+        if not save_failed:  # after a failed save, Orbax's wait (close waits too) only waits out its timeouts
             mgr.wait_until_finished()
-        mgr.close()
+            mgr.close()
     return state
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 # What a collective reports when a peer process died: gloo's closed connection, or the
 # coordination service's missing heartbeat.
 _LOST_PEER_MARKERS = ("connection closed by peer", "connection reset", "broken pipe", "heartbeat", "unavailable",
-                      "gloo", "coordination service", "task died", "socket closed")
+                      "gloo", "coordination service", "task died", "socket closed", "deadline_exceeded",
+                      "barrier timed out")
 
 
 def _is_lost_peer(error: Exception) -> bool:
@@ -676,17 +717,19 @@ def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, de
 def download_once(root: str) -> None:
     """--download: process 0 downloads into ``root`` while the others wait for it (one shared root
     downloaded into by every task at once would be corrupted). Call after start_processes."""
+    failed = None
     if jax.process_index() == 0:
-        data.download(root)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("unet_jax: MNIST downloaded")
+        try:
+            data.download(root)
+        except data.MnistError as error:
+            failed = error
+    if not devices.agree(failed is None):
+        raise failed or data.MnistError(f"process 0 could not download MNIST into {root}; see its error")
 
 
 # A user's mistake or a fault the run cannot go on from: one line, no traceback.
 USER_ERRORS = (data.MnistError, checkpoints.IncompatibleWorkdirError, checkpoints.WorkdirBusyError,
-               checkpoints.NoReadableCheckpointError, devices.BatchSplitError, devices.ProcessesMissingError,
+               checkpoints.NoReadableCheckpointError, devices.BatchSplitError, devices.RollCallError,
                FloatingPointError, WorkdirError, InitFromError, CheckpointSaveError)
 
 
@@ -700,15 +743,20 @@ def main(argv=None) -> None:
             download_once(config.data)
         train(config, adopt=options["adopt"])
     except PeerLostError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
         # Not SystemExit: jax.distributed's shutdown would wait for the lost process, then abort.
-        os._exit(1)
+        _exit_now(f"error: {error}")
     except USER_ERRORS as error:
         if isinstance(error, CheckpointSaveError) or jax.process_count() > 1:
             # Orbax's threads (a failed save) or jax.distributed's shutdown would hold the exit for minutes.
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            os._exit(1)
+            _exit_now(f"error: {error}")
         raise SystemExit(f"error: {error}") from None
+
+
+def _exit_now(message: str) -> None:
+    """Print ``message`` and end the process without Python's shutdown (and whatever it would wait for)."""
+    sys.stdout.flush()  # os._exit drops buffered output: "resumed ...", warnings
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 if __name__ == "__main__":
