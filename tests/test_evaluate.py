@@ -54,14 +54,14 @@ def test_fd_sanity(classifier):
     digits = _scaled(train.images[:1000])
     rng = np.random.default_rng(1)
     noised = [fd(np.clip(digits + s * rng.standard_normal(digits.shape), -1, 1)) for s in (0.0, 0.3, 0.6, 1.0)]
-    assert noised == sorted(noised) and noised[0] == pytest.approx(real)
+    assert noised == sorted(noised)
     blurred = [fd(_blur(digits, k)) for k in (0, 1, 2, 3)]
     assert blurred == sorted(blurred)
 
-    assert fd(digits) == fd(digits)  # the same samples give the same numbers
-    report = evaluate.sample_report(params, digits, reference)
-    assert report == evaluate.sample_report(params, digits, reference)
+    # The README's "real digits score above 90 %" rests on digits the classifier never trained on.
+    report = evaluate.sample_report(params, reference, reference)
     assert report["frac_confident"] > 0.9 and report["class_entropy"] > 0.95 * np.log(10)
+    assert report["fd"] < 1e-3 * noise  # a set against itself: zero, up to the square root's rounding
     json.dumps(report)
 
 

@@ -2,6 +2,8 @@
 
 import os
 import pickle
+import subprocess
+import sys
 
 import jax
 import ml_dtypes
@@ -127,3 +129,15 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
         with pytest.raises(ValueError, match="refusing to load"):
             load_state_dict(p)
     assert not marker.exists()
+
+
+def test_ci_fails_rather_than_skips_without_the_tutorial(tmp_path):
+    """The checks against the tutorial's own code may skip on a user's clone, never in CI."""
+    assert "export UNET_JAX_REQUIRE_TUTORIAL=1" in open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run")).read()
+    test = f"{__file__}::test_table_covers_the_tutorials_state_dict_in_order"
+    base = dict(os.environ, UNET_JAX_TUTORIAL=str(tmp_path / "missing.txt"))
+    base.pop("UNET_JAX_REQUIRE_TUTORIAL", None)
+    for env, outcome in ((base, "1 skipped"), (dict(base, UNET_JAX_REQUIRE_TUTORIAL="1"), "1 error")):
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert outcome in done.stdout, done.stdout[-2000:]

@@ -63,10 +63,14 @@ def test_export_refuses_an_unknown_extension(workdir):
 
 
 def test_export_of_the_initial_weights_is_the_trainers_start(tmp_path):
-    from unet_jax.model import init_variables
-    from unet_jax.train import run_keys
-
-    out = str(tmp_path / "init.pt")
-    export.main(["--init-seed", "3", "--out", out])
-    expected = init_variables(run_keys(3)[0])["params"]
-    assert jax.tree.all(jax.tree.map(np.array_equal, torch_to_flax(out)["params"], expected))
+    # The trainer's first step runs at learning rate 0 (linear warm-up from 0), so after one step
+    # its raw weights are still the ones it started from: those --init-seed must export.
+    run = str(tmp_path / "run")
+    train(Config(workdir=run, steps=1, seed=3, batch_size=8, n_T=20, sample_steps=3, num_samples=4, sample_every=0,
+                 ckpt_every=0, warmup_steps=5, conv="tapgrad"))
+    export.main(["--init-seed", "3", "--out", str(tmp_path / "init.pt")])
+    export.main(["--workdir", run, "--raw", "--out", str(tmp_path / "step1.pt")])
+    initial, trained = (torch_to_flax(str(tmp_path / name))["params"] for name in ("init.pt", "step1.pt"))
+    assert jax.tree.all(jax.tree.map(np.array_equal, initial, trained))
+    export.main(["--init-seed", "4", "--out", str(tmp_path / "other.pt")])  # and the seed matters
+    assert not jax.tree.all(jax.tree.map(np.array_equal, initial, torch_to_flax(str(tmp_path / "other.pt"))["params"]))

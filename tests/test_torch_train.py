@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import optax
 import pytest
 import torch
 
@@ -25,8 +26,20 @@ def test_tiny_torch_run(tmp_path):
     assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 4
 
 
+def _optax_reference(lr, warmup, decay):
+    """The same schedule from optax's own library functions, the independent reference for both trainers."""
+    if decay:
+        return optax.schedules.warmup_cosine_decay_schedule(0.0, lr, warmup, warmup + decay, end_value=0.0)
+    if warmup:
+        return optax.schedules.linear_schedule(0.0, lr, warmup)
+    return optax.schedules.constant_schedule(lr)
+
+
 @pytest.mark.parametrize("warmup,decay", [(0, 0), (10, 0), (10, 50)])
-def test_torch_lr_schedule_is_optax_schedule(warmup, decay):
-    schedule = learning_rate(Config(lr=2e-3, warmup_steps=warmup, decay_steps=decay))
+def test_both_trainers_lr_schedules_are_optax_schedules(warmup, decay):
+    reference = _optax_reference(2e-3, warmup, decay)
+    jax_schedule = learning_rate(Config(lr=2e-3, warmup_steps=warmup, decay_steps=decay))
     for step in (0, 1, 5, 10, 11, 30, 60, 100):
-        assert 2e-3 * learning_rate_factor(step, warmup, decay) == pytest.approx(float(schedule(step)), rel=1e-6, abs=1e-12)
+        expected = float(reference(step))
+        assert 2e-3 * learning_rate_factor(step, warmup, decay) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+        assert float(jax_schedule(step)) == pytest.approx(expected, rel=1e-6, abs=1e-12)

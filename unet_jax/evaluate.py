@@ -25,6 +25,7 @@ import optax
 from flax import serialization
 
 from unet_jax import autotune, checkpoints, data, devices
+from unet_jax.diffusion import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER
 from unet_jax.layers import max_pool
 from unet_jax.sample import generate_on_local_devices, to_uint8
 
@@ -188,9 +189,9 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=None, help="'bundled' or a torchvision root (default: the run's own data)")
     parser.add_argument("--classifier-dir", default="runs/classifier", help="cache of trained classifiers")
     parser.add_argument("--num", type=int, default=1000, help="samples to draw")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    parser.add_argument("--sample-steps", type=int, default=100)
-    parser.add_argument("--eta", type=float, default=1.0)
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=DEFAULT_SAMPLER)
+    parser.add_argument("--sample-steps", type=int, default=DEFAULT_SAMPLE_STEPS)
+    parser.add_argument("--eta", type=float, default=DEFAULT_ETA)
     parser.add_argument("--seed", type=int, default=0)
     autotune.add_conv_flag(parser)
     parser.add_argument("--raw", action="store_true",

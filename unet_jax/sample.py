@@ -13,14 +13,15 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import autotune, checkpoints, devices
-from unet_jax.diffusion import ddim_sample, ddpm_sample
+from unet_jax.diffusion import (DEFAULT_CLIP_X0, DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, ddim_sample,
+                                ddpm_sample)
 from unet_jax.model import IMAGE_SHAPE, Unet
 from unet_jax.schedule import linear_schedule
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num", "sampler", "steps", "n_T", "eta", "clip_x0", "sharding"))
-def generate(params, key, *, model: Unet, num: int, sampler: str = "ddim", steps: int = 100, n_T: int = 1000,
-             eta: float = 0.0, clip_x0: bool = True, sharding=None):
+def generate(params, key, *, model: Unet, num: int, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_SAMPLE_STEPS,
+             n_T: int = 1000, eta: float = DEFAULT_ETA, clip_x0: bool = DEFAULT_CLIP_X0, sharding=None):
     """``num`` images in [-1, 1], (num, 28, 28, 1), from ``params`` with DDPM or DDIM.
 
     ``clip_x0`` clips each step's predicted clean image to [-1, 1]; with ``sharding`` (a
@@ -80,9 +81,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet_jax.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/default")
     parser.add_argument("--num", type=int, default=64)
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    parser.add_argument("--sample-steps", type=int, default=100, help="DDIM steps (DDPM always takes n_T)")
-    parser.add_argument("--eta", type=float, default=1.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=DEFAULT_SAMPLER)
+    parser.add_argument("--sample-steps", type=int, default=DEFAULT_SAMPLE_STEPS, help="DDIM steps (DDPM always takes n_T)")
+    parser.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--no-clip-x0", action="store_true", help="do not clip the predicted x0 to [-1, 1] each step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")

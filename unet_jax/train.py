@@ -29,7 +29,8 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from unet_jax import autotune, checkpoints, data, devices
-from unet_jax.diffusion import draw_timesteps_and_noise, noise_prediction_loss
+from unet_jax.diffusion import (DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, draw_timesteps_and_noise,
+                                noise_prediction_loss)
 from unet_jax.layers import ConvPlan
 from unet_jax.model import Unet, init_variables
 from unet_jax.sample import generate, save_grid
@@ -56,9 +57,9 @@ class Config:
     init_from: str | None = None
     sample_every: int = 1000
     ckpt_every: int = 500
-    sampler: str = "ddim"
-    sample_steps: int = 100
-    eta: float = 1.0  # DDIM noise; 1 is DDPM-like and drew cleaner digits than 0 from short runs
+    sampler: str = DEFAULT_SAMPLER
+    sample_steps: int = DEFAULT_SAMPLE_STEPS
+    eta: float = DEFAULT_ETA  # DDIM noise; 1 is DDPM-like and drew cleaner digits than 0 from short runs
     num_samples: int = 64
     log_every: int = 50
     steps_per_dispatch: int = 5  # K steps in one device program; see train_steps

@@ -23,8 +23,13 @@ def _predict_x0(x, eps_hat, ab_t, clip: bool):
     return x0_hat.clamp(-1, 1) if clip else x0_hat
 
 
+# The same defaults as unet_jax.diffusion (tests/test_diffusion.py holds them equal): DDIM, eta 1, x0 clipped.
+DEFAULT_ETA = 1.0
+DEFAULT_CLIP_X0 = True
+
+
 @torch.no_grad()
-def ddpm_sample(model, schedule: Schedule, x_T, generator=None, clip_x0: bool = False):
+def ddpm_sample(model, schedule: Schedule, x_T, generator=None, clip_x0: bool = DEFAULT_CLIP_X0):
     """Ancestral sampling, sigma_t^2 = beta_t, t = T..1, through the posterior (as unet_jax.diffusion)."""
     x = x_T
     for t in range(schedule.n_T, 0, -1):
@@ -38,7 +43,8 @@ def ddpm_sample(model, schedule: Schedule, x_T, generator=None, clip_x0: bool = 
 
 
 @torch.no_grad()
-def ddim_sample(model, schedule: Schedule, x_T, steps: int, eta: float = 0.0, generator=None, clip_x0: bool = False):
+def ddim_sample(model, schedule: Schedule, x_T, steps: int, eta: float = DEFAULT_ETA, generator=None,
+                clip_x0: bool = DEFAULT_CLIP_X0):
     """DDIM (Song et al. 2021, eq. 12) over ``steps`` evenly spaced timesteps."""
     taus = list(ddim_timesteps(schedule.n_T, steps)[::-1])
     x = x_T
