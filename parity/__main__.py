@@ -40,11 +40,11 @@ def main(argv=None) -> int:
     print(f"parity: torch reference vs Flax port, {args.dtype}, batch {args.batch}, seed {args.seed}, "
           f"3x3 conv lowering {args.conv}")
     print(format_table(rows))
-    failed = [r.name for r in rows if not r.passed]
-    skipped = [r.name for r in rows if r.skipped]
-    print(f"\n{len(rows) - len(failed) - len(skipped)} passed, {len(failed)} failed, {len(skipped)} skipped")
+    passed, failed, skipped = (sum(1 for r in rows if r.passed), [r for r in rows if r.failed],
+                               [r for r in rows if r.skipped])
+    print(f"\n{passed} passed, {len(failed)} failed, {len(skipped)} skipped")
     if skipped:
-        print(f"skipped: {rows[-1].skipped}; float64 compares these gradients exactly (see parity/compare.py)")
+        print(f"skipped: {skipped[0].skipped}; float64 compares these gradients exactly (see parity/compare.py)")
     return 1 if failed else 0
 
 
