@@ -6,12 +6,11 @@ import numpy as np
 
 from benchmarks.timing import time_repeats, timed
 from unet_jax import devices
-from unet_jax.model import Unet, init_variables
+from unet_jax.model import COMPUTE_DTYPES, Unet, init_variables
 from unet_jax.sample import generate
 from unet_jax.schedule import linear_schedule
 from unet_jax.train import Config, create_state, jit_train_steps, make_optimizer, new_accumulator
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -51,7 +50,7 @@ def train_program(images_u8: np.ndarray, batch: int, dtype: str, mesh, steps_per
     acc = jax.device_put(new_accumulator(), devices.replicated(mesh))
     images = jax.device_put(images_u8, devices.replicated(mesh))
     keys = tuple(jax.random.split(jax.random.key(1)))
-    program = jit_train_steps(steps_per_dispatch, model=Unet(conv=conv, dtype=DTYPES[dtype]), tx=tx, schedule=linear_schedule(),
+    program = jit_train_steps(steps_per_dispatch, model=Unet(conv=conv, dtype=COMPUTE_DTYPES[dtype]), tx=tx, schedule=linear_schedule(),
                               batch_size=batch, ema_decay=config.ema_decay, sharding=devices.batch_sharding(mesh))
     return program, (state, acc, images, keys)
 

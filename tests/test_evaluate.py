@@ -72,14 +72,14 @@ EVAL_KEYS = {"fd", "confidence_mean", "frac_confident", "class_hist", "class_ent
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("run"))
-    train(Config(workdir=path, steps=3, batch_size=8, sample_steps=3, num_samples=4, sample_every=0, ckpt_every=0,
-                 warmup_steps=0, conv="tapgrad"))
+    train(Config(workdir=path, steps=3, batch_size=8, n_T=20, sample_steps=3, num_samples=4, sample_every=0,
+                 ckpt_every=0, warmup_steps=0, conv="tapgrad"))
     return path
 
 
-def _evaluate(classifier, out, *extra, name="eval"):
+def _evaluate(classifier, out, *extra, name="eval", report=None):
     evaluate.main(["--workdir", out, "--classifier-dir", classifier[3], "--num", "12", "--sample-steps", "3", *extra])
-    with open(os.path.join(out, name + ".json")) as f:
+    with open(report or os.path.join(out, name + ".json")) as f:
         return json.load(f)
 
 
@@ -98,20 +98,28 @@ def test_evaluate_cli_writes_eval_json_and_a_labelled_grid(classifier, trained):
 
 
 def test_evaluate_a_torch_checkpoint_through_the_same_sampler(classifier, trained, tmp_path):
-    """A torch state_dict of the run's EMA weights scores exactly what the run scores."""
+    """A torch state_dict of the run's EMA weights, at the run's n_T, scores exactly what the run scores;
+    its report goes beside it, and the workdir's own eval.json is left alone."""
     pt = str(tmp_path / "model.pt")
     export.export(trained, pt)
     ours = _evaluate(classifier, trained)
-    ported = _evaluate(classifier, str(tmp_path), "--torch-checkpoint", pt)
+    before = open(os.path.join(trained, "eval.json")).read()
+    ported = _evaluate(classifier, trained, "--torch-checkpoint", pt, "--n-T", "20",
+                       report=str(tmp_path / "model.eval.json"))
+    assert os.path.getsize(tmp_path / "model.eval_samples.png") > 0
+    assert open(os.path.join(trained, "eval.json")).read() == before
     assert ported.pop("model") == pt and ours.pop("model") == trained
     assert (ported.pop("weights"), ours.pop("weights")) == ("state_dict", "ema")
     assert ported == ours
+    # At the default n_T of 1000 the same weights are sampled on another schedule.
+    other = _evaluate(classifier, trained, "--torch-checkpoint", pt, report=str(tmp_path / "model.eval.json"))
+    assert other["fd"] != ported["fd"]
 
 
 def test_evaluate_without_a_model_says_so(classifier, tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint in"):
         _evaluate(classifier, str(tmp_path))
-    with pytest.raises(SystemExit, match="no checkpoint file at"):
+    with pytest.raises(SystemExit, match="no weights file at"):
         _evaluate(classifier, str(tmp_path), "--torch-checkpoint", str(tmp_path / "missing.pt"))
 
 

@@ -216,7 +216,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(run_copy, capsys):
     path = os.path.join(run_copy, "metrics.jsonl")
     with open(path, "a") as f:
         f.write('{"step": 6, "lo')  # a crash in the middle of a write
-    train_module._trim_metrics(path, 4)
+    train_module.trim_metrics(path, 4)
     assert "dropped 1 unreadable line(s)" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(path)] == [2, 4]
 

@@ -31,7 +31,7 @@ def test_sample_cli_writes_png_and_npy(workdir, tmp_path):
 
 
 def test_sample_without_checkpoint_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    with pytest.raises(SystemExit, match="error: no checkpoint in"):
         sample.main(["--workdir", str(tmp_path)])
 
 
@@ -74,3 +74,21 @@ def test_export_of_the_initial_weights_is_the_trainers_start(tmp_path):
     assert jax.tree.all(jax.tree.map(np.array_equal, initial, trained))
     export.main(["--init-seed", "4", "--out", str(tmp_path / "other.pt")])  # and the seed matters
     assert not jax.tree.all(jax.tree.map(np.array_equal, initial, torch_to_flax(str(tmp_path / "other.pt"))["params"]))
+
+
+def test_sample_uses_the_runs_compute_dtype(workdir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import jax.numpy as jnp
+
+    run = str(tmp_path / "bf16")
+    shutil.copytree(workdir, run)
+    config = json.load(open(f"{run}/config.json"))
+    json.dump(config | {"dtype": "bfloat16"}, open(f"{run}/config.json", "w"))
+    models = []
+    monkeypatch.setattr(sample, "generate", lambda params, key, *, model, num, **kw: models.append(model)
+                        or jnp.zeros((num, 28, 28, 1)))
+    for path, out in ((run, "g"), (workdir, "h")):
+        sample.main(["--workdir", path, "--num", "2", "--sample-steps", "3", "--out", str(tmp_path / out), "--conv", "xla"])
+    assert [m.dtype for m in models] == [jnp.bfloat16, jnp.float32]

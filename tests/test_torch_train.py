@@ -43,3 +43,42 @@ def test_both_trainers_lr_schedules_are_optax_schedules(warmup, decay):
         expected = float(reference(step))
         assert 2e-3 * learning_rate_factor(step, warmup, decay) == pytest.approx(expected, rel=1e-6, abs=1e-12)
         assert float(jax_schedule(step)) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+TORCH_TINY = ["--batch-size", "8", "--n-T", "20", "--sample-steps", "3", "--num-samples", "4", "--log-every", "1"]
+
+
+def test_torch_trainer_refuses_another_runs_workdir(tmp_path):
+    workdir = str(tmp_path / "torch")
+    main(["--workdir", workdir, "--steps", "1", *TORCH_TINY])
+    with pytest.raises(SystemExit) as info:
+        main(["--workdir", workdir, "--steps", "2", "--lr", "1e-3", *TORCH_TINY])
+    assert info.value.code.startswith("error: ") and "lr: the workdir has 0.002, this run asks for 0.001" in info.value.code
+    assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 1
+
+
+def test_torch_trainer_trims_metrics_and_samples_every(tmp_path):
+    workdir = str(tmp_path / "torch")
+    main(["--workdir", workdir, "--steps", "2", "--ckpt-every", "2", "--sample-every", "1", *TORCH_TINY])
+    assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_1.png", "step_2.png"]
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:  # rows a killed run wrote past its checkpoint
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    main(["--workdir", workdir, "--steps", "3", "--ckpt-every", "2", "--sample-every", "0", *TORCH_TINY])
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] != 1.0
+
+
+def test_torch_trainer_stops_on_non_finite_gradients_with_a_finite_loss(tmp_path, monkeypatch):
+    import unet_torch.train as torch_train
+
+    def finite_loss_nan_gradients(model, schedule, x0, t_B, noise):
+        return torch.sqrt(0.0 * model(x0, t_B / schedule.n_T).sum())  # 0, and d sqrt(u)/du at 0 is infinite
+
+    workdir = str(tmp_path / "torch")
+    main(["--workdir", workdir, "--steps", "1", *TORCH_TINY])
+    monkeypatch.setattr(torch_train, "noise_prediction_loss", finite_loss_nan_gradients)
+    with pytest.raises(SystemExit) as info:
+        main(["--workdir", workdir, "--steps", "3", *TORCH_TINY])
+    assert info.value.code.startswith("error: non-finite gradients and parameters at step 1 (loss ")
+    assert "non-finite loss" not in info.value.code
+    assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 1

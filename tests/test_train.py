@@ -30,7 +30,7 @@ def _params(workdir):
     return checkpoints.restore_latest_params(str(workdir))[1]
 
 
-def test_tiny_run_writes_everything_and_resumes(tmp_path):
+def test_tiny_run_writes_everything_and_resumes(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     state = train(Config(workdir=workdir, steps=4, ckpt_every=2, **TINY))
     assert int(state.step) == 4
@@ -41,8 +41,10 @@ def test_tiny_run_writes_everything_and_resumes(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:2] == ["2", "4"]
     assert json.load(open(os.path.join(workdir, "config.json")))["batch_size"] == 8
 
+    capsys.readouterr()
     state = train(Config(workdir=workdir, steps=6, ckpt_every=2, **TINY))  # continues to the new total
     assert int(state.step) == 6 and _params(workdir)["step"] == 6
+    assert "note:" not in capsys.readouterr().out  # the same programs: nothing to warn of
     assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == 3
 
 
@@ -133,9 +135,13 @@ def test_resume_reuses_the_recorded_conv_lowerings(tmp_path, monkeypatch, capsys
     state = train(Config(workdir=workdir, steps=4, ckpt_every=0, **(TINY | {"conv": "auto"})))
     assert int(state.step) == 4 and checkpoints.read_conv_plan(workdir) == ConvPlan("im2col")
     assert f"3x3 conv lowerings (as recorded in {workdir}): im2col" in capsys.readouterr().out
-    # An explicit --conv overrides the record, and becomes the record.
-    train(Config(workdir=workdir, steps=6, ckpt_every=0, **(TINY | {"conv": "winograd"})))
+    # An explicit --conv overrides the record, and becomes the record. Another --log-every groups
+    # the steps into other programs: the resume says its numbers will differ.
+    train(Config(workdir=workdir, steps=6, ckpt_every=0, **(TINY | {"conv": "winograd", "log_every": 1})))
     assert checkpoints.read_conv_plan(workdir) == ConvPlan("winograd")
+    out = capsys.readouterr().out
+    assert "note: log-every 2 -> 1: the steps run in other device programs" in out
+    assert json.load(open(os.path.join(workdir, "config.json")))["program"]["log_every"] == 1
 
 
 def test_a_corrupt_conv_record_is_refused_in_one_line(tmp_path):

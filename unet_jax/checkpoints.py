@@ -183,6 +183,12 @@ def has_checkpoints(workdir: str) -> bool:
         mgr.close()
 
 
+def identity_differences(saved: dict, identity: dict) -> list[str]:
+    """One line per setting in ``identity`` that the workdir's record ``saved`` holds otherwise."""
+    return [f"  {key}: the workdir has {saved.get(key)!r}, this run asks for {value!r}"
+            for key, value in identity.items() if saved.get(key) != value]
+
+
 def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -> None:
     """Raise if ``workdir`` has checkpoints (in ``mgr``, its manager) whose identity differs from ``identity``.
 
@@ -197,8 +203,7 @@ def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -
             f"{workdir} holds checkpoints but no {CONFIG_FILE} (the record of the settings that made them), so "
             "this run cannot check that they are its own. If these flags are that run's settings, add --adopt "
             f"to write {CONFIG_FILE} from them and resume; else use another --workdir.")
-    differences = [f"  {key}: the workdir has {saved.get(key)!r}, this run asks for {value!r}"
-                   for key, value in identity.items() if saved.get(key) != value]
+    differences = identity_differences(saved, identity)
     if differences:
         raise IncompatibleWorkdirError(
             f"{workdir} holds checkpoints of a different run, so it will not be resumed or overwritten:\n"

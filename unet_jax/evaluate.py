@@ -25,7 +25,7 @@ import optax
 from flax import serialization
 
 from unet_jax import autotune, checkpoints, data, devices
-from unet_jax.diffusion import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER
+from unet_jax.diffusion import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
 from unet_jax.layers import max_pool
 from unet_jax.sample import generate_on_local_devices, to_uint8
 
@@ -185,7 +185,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet_jax.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/default", help="the run to evaluate; eval.json goes here")
     parser.add_argument("--torch-checkpoint", default=None,
-                        help="evaluate this torch state_dict instead (ported, sampled by the same JAX sampler)")
+                        help="evaluate this torch state_dict instead (ported, sampled by the same JAX sampler); "
+                             "the report goes beside it, as NAME.eval.json")
+    parser.add_argument("--n-T", type=int, default=None, dest="n_T",
+                        help=f"diffusion steps T the torch checkpoint was trained with (its run's --n-T; default {N_T})")
     parser.add_argument("--data", default=None, help="'bundled' or a torchvision root (default: the run's own data)")
     parser.add_argument("--classifier-dir", default="runs/classifier", help="cache of trained classifiers")
     parser.add_argument("--num", type=int, default=1000, help="samples to draw")
@@ -201,6 +204,10 @@ def main(argv=None) -> None:
         parser.error("--num must be at least 2 (a covariance needs two samples)")
     if args.raw and args.torch_checkpoint:
         parser.error("--raw applies to a workdir's checkpoint; a torch state_dict holds one set of weights")
+    if args.n_T is not None and not args.torch_checkpoint:
+        parser.error("--n-T is for --torch-checkpoint; a workdir records its own n_T")
+    if args.n_T is not None and args.n_T < 1:
+        parser.error("--n-T must be at least 1")
 
     config = checkpoints.read_config(args.workdir) or {}
     source = args.data or config.get("data", data.BUNDLED)
@@ -209,7 +216,7 @@ def main(argv=None) -> None:
             from parity import CheckpointMismatchError, WeightsFileError, torch_to_flax
 
             try:
-                params, n_T = torch_to_flax(args.torch_checkpoint)["params"], 1000
+                params, n_T = torch_to_flax(args.torch_checkpoint)["params"], args.n_T or N_T
             except WeightsFileError as error:
                 raise SystemExit(f"error: --torch-checkpoint: {error}") from None
             except CheckpointMismatchError as error:
@@ -219,20 +226,27 @@ def main(argv=None) -> None:
             params, n_T = restored["params" if args.raw else "ema_params"], config["n_T"]
     except (FileNotFoundError, checkpoints.NoReadableCheckpointError) as error:
         raise SystemExit(f"error: {error}") from None
+    if args.sampler == "ddim" and args.sample_steps > n_T:
+        raise SystemExit(f"error: --sample-steps {args.sample_steps} exceeds n_T {n_T}")
     classifier, acc, held_out = load_or_train_classifier(source, args.classifier_dir)
     samples = generate_on_local_devices(params, jax.random.key(args.seed), num=args.num, sampler=args.sampler,
-                                        steps=args.sample_steps, n_T=n_T, eta=args.eta, conv=args.conv)
+                                        steps=args.sample_steps, n_T=n_T, eta=args.eta, conv=args.conv,
+                                        dtype="float32" if args.torch_checkpoint else config.get("dtype", "float32"))
     reference = np.asarray(data.to_model_range(jnp.asarray(held_out.images)))
     report = sample_report(classifier, samples, reference)
     weights = "state_dict" if args.torch_checkpoint else ("raw" if args.raw else "ema")
     report |= {"classifier_accuracy": acc, "sampler": args.sampler, "steps": args.sample_steps if args.sampler == "ddim" else n_T,
                "eta": args.eta, "model": args.torch_checkpoint or args.workdir, "weights": weights}
-    name = "eval_raw" if args.raw else "eval"
-    os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, name + ".json"), "w") as f:
+    if args.torch_checkpoint:  # beside the checkpoint: a workdir's own eval.json is never overwritten
+        prefix = os.path.splitext(args.torch_checkpoint)[0] + ".eval"
+    else:
+        prefix = os.path.join(args.workdir, "eval_raw" if args.raw else "eval")
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".json", "w") as f:
         json.dump(report, f, indent=2)
     probs, _ = classify(classifier, samples[:100])
-    save_labelled_grid(samples[:100], probs.argmax(1), probs.max(1), os.path.join(args.workdir, name + "_samples.png"))
+    save_labelled_grid(samples[:100], probs.argmax(1), probs.max(1), prefix + "_samples.png")
+    print(f"wrote {prefix}.json and {prefix}_samples.png")
     print(f"model: {report['model']} ({report['weights']} weights; {args.num} samples, {args.sampler} {report['steps']} steps)")
     print(f"classifier held-out accuracy: {acc:.4f}")
     print(f"Frechet distance (LeNet features) to held-out digits: {report['fd']:.3f}")

@@ -15,7 +15,7 @@ from PIL import Image
 from unet_jax import autotune, checkpoints, devices
 from unet_jax.diffusion import (DEFAULT_CLIP_X0, DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, ddim_sample,
                                 ddpm_sample)
-from unet_jax.model import IMAGE_SHAPE, Unet
+from unet_jax.model import COMPUTE_DTYPES, IMAGE_SHAPE, Unet
 from unet_jax.schedule import linear_schedule
 
 
@@ -46,15 +46,17 @@ def generate(params, key, *, model: Unet, num: int, sampler: str = DEFAULT_SAMPL
     return jnp.clip(x_0, -1.0, 1.0)
 
 
-def generate_on_local_devices(params, key, *, num: int, conv: str = "auto", **kwargs) -> np.ndarray:
+def generate_on_local_devices(params, key, *, num: int, conv: str = "auto", dtype: str = "float32",
+                              **kwargs) -> np.ndarray:
     """``generate``, the images split over this process's devices (as many as divide ``num``).
 
     ``conv`` is the 3x3 conv lowering (``--conv``): 'auto' takes the fastest forward on this machine.
+    ``dtype`` is the compute dtype (a run's ``--dtype``), so that samples come from the model it trained.
     """
     mesh = devices.data_mesh(num)
     plan = autotune.resolve(conv, num // mesh.devices.size, "sample", mesh=mesh)
     params = jax.device_put(params, devices.replicated(mesh))
-    return np.asarray(generate(params, key, model=Unet(conv=plan), num=num, sharding=devices.batch_sharding(mesh),
+    return np.asarray(generate(params, key, model=Unet(conv=plan, dtype=COMPUTE_DTYPES[dtype]), num=num, sharding=devices.batch_sharding(mesh),
                                **kwargs))
 
 
@@ -104,7 +106,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: --sample-steps {args.sample_steps} exceeds the run's n_T {config['n_T']}")
     images = generate_on_local_devices(restored["params" if args.raw else "ema_params"], jax.random.key(args.seed),
                                        num=args.num, sampler=args.sampler, steps=args.sample_steps,
-                                       n_T=config["n_T"], eta=args.eta, clip_x0=not args.no_clip_x0, conv=args.conv)
+                                       n_T=config["n_T"], eta=args.eta, clip_x0=not args.no_clip_x0, conv=args.conv,
+                                       dtype=config.get("dtype", "float32"))
     out = args.out or os.path.join(args.workdir, "samples", "final")
     save_grid(images, out + ".png")
     np.save(out + ".npy", np.asarray(images))

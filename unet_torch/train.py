@@ -21,10 +21,12 @@ from torchvision.transforms import Compose, Normalize, ToTensor
 from tqdm import tqdm
 
 from unet_jax import data
+from unet_jax.train import trim_metrics
 from unet_jax.schedule import Schedule, linear_schedule
 from unet_torch.diffusion import ddim_sample, ddpm_sample, noise_prediction_loss
 from unet_torch.model import Unet
 
+CONFIG_FILE = "config.json"
 TRANSFORM = Compose([ToTensor(), Normalize((0.5,), (0.5,))])
 
 
@@ -89,6 +91,43 @@ def _loader(config, generator):
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=generator)
 
 
+class TorchRunError(RuntimeError):
+    """The run cannot start or go on: another run's workdir, or a non-finite step."""
+
+
+def _identity(config) -> dict:
+    from unet_jax.train import IDENTITY
+
+    return {k: getattr(config, k) for k in IDENTITY}
+
+
+def _check_workdir(config, resuming: bool) -> None:
+    """As the JAX trainer: a workdir whose checkpoint came from other settings is refused, never resumed."""
+    from unet_jax.checkpoints import identity_differences
+
+    path = os.path.join(config.workdir, CONFIG_FILE)
+    if resuming:
+        saved = json.load(open(path)) if os.path.exists(path) else None
+        if saved is None:
+            raise TorchRunError(f"{config.workdir} holds checkpoint.pt but no {CONFIG_FILE}, so this run cannot check "
+                                "that it is its own; use another --workdir")
+        differences = identity_differences(saved, _identity(config))
+        if differences:
+            raise TorchRunError(f"{config.workdir} holds a checkpoint of a different run, so it will not be resumed "
+                                "or overwritten: " + "; ".join(d.strip() for d in differences)
+                                + ". Use another --workdir, or the workdir's own settings.")
+    with open(path + ".tmp", "w") as f:
+        json.dump(_identity(config), f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+def _not_finite(model) -> list[str]:
+    """Which of the gradients and parameters hold a NaN or an infinity, after a step."""
+    params = list(model.parameters())
+    checks = (("gradients", [p.grad for p in params if p.grad is not None]), ("parameters", params))
+    return [name for name, tensors in checks if not all(bool(torch.isfinite(t).all()) for t in tensors)]
+
+
 def train(config) -> dict:
     """Train ``config`` (a ``unet_jax.train.Config``) eagerly; returns the EMA state_dict."""
     os.makedirs(os.path.join(config.workdir, "samples"), exist_ok=True)
@@ -111,6 +150,7 @@ def train(config) -> dict:
     optimizer, scheduler = make_optimizer(model, config.lr, config.warmup_steps, config.decay_steps)
     start = 0
     checkpoint_path = os.path.join(config.workdir, "checkpoint.pt")
+    _check_workdir(config, resuming=os.path.exists(checkpoint_path))
     if os.path.exists(checkpoint_path):
         from parity import WeightsFileError, load_state_dict
 
@@ -126,7 +166,9 @@ def train(config) -> dict:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
 
     loader = _loader(config, generator)
-    metrics = open(os.path.join(config.workdir, "metrics.jsonl"), "a")
+    metrics_path = os.path.join(config.workdir, "metrics.jsonl")
+    trim_metrics(metrics_path, start)  # rows past the checkpoint belong to steps about to be redone
+    metrics = open(metrics_path, "a")
     bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
     step, window, t0 = start, [], time.perf_counter()
 
@@ -144,8 +186,10 @@ def train(config) -> dict:
             with autocast:
                 loss = train_step(model, ema, optimizer, scheduler, schedule, x0, t_B, noise, step, config.ema_decay)
             value = loss.item()  # eager torch syncs every step anyway
-            if not math.isfinite(value):
-                raise SystemExit(f"error: non-finite loss ({value}) at step {step}")
+            bad = (["loss"] if not math.isfinite(value) else []) + _not_finite(model)
+            if bad:  # raised before any save: the last checkpoint stays the last good one
+                raise TorchRunError(f"non-finite {' and '.join(bad)} at step {step} (loss {value:.3g}); stopping. "
+                                    f"{checkpoint_path} keeps the last good checkpoint")
             window.append(value)
             step += 1
             bar.update(1)
@@ -158,23 +202,27 @@ def train(config) -> dict:
                 window, t0 = [], time.perf_counter()
             if (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
                 save()
+            if (config.sample_every and step % config.sample_every == 0) or step == config.steps:
+                _sample(config, ema, schedule, step)  # the end always samples, as on the JAX side
             if step == config.steps:
                 break
     bar.close()
     metrics.close()
-    _sample(config, ema, schedule, generator)  # the end always samples, as on the JAX side
     return ema.state_dict()
 
 
-def _sample(config, ema, schedule, generator):
+def _sample(config, ema, schedule, step: int):
+    """An 8x8 grid from the EMA, with noise of its own (fixed by seed and step): sampling never moves the
+    training's random stream."""
     from unet_jax.sample import save_grid
 
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     x_T = torch.randn((config.num_samples, 1, 28, 28), generator=generator)
     if config.sampler == "ddpm":
         x0 = ddpm_sample(ema, schedule, x_T, generator=generator, clip_x0=True)
     else:
         x0 = ddim_sample(ema, schedule, x_T, config.sample_steps, config.eta, generator=generator, clip_x0=True)
-    save_grid(x0.clamp(-1, 1).permute(0, 2, 3, 1).numpy(), os.path.join(config.workdir, "samples", f"step_{config.steps}.png"))
+    save_grid(x0.clamp(-1, 1).permute(0, 2, 3, 1).numpy(), os.path.join(config.workdir, "samples", f"step_{step}.png"))
 
 
 def main(argv=None) -> None:
@@ -193,7 +241,7 @@ def main(argv=None) -> None:
         if options["download"]:
             data.download(config.data)
         train(config)
-    except (data.MnistError, WeightsFileError, CheckpointMismatchError) as error:
+    except (data.MnistError, WeightsFileError, CheckpointMismatchError, TorchRunError) as error:
         message = error.one_line() if isinstance(error, CheckpointMismatchError) else str(error)
         raise SystemExit(f"error: {message}") from None
 
