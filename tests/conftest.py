@@ -1,8 +1,21 @@
+import atexit
 import os
 import pathlib
 import re
+import shutil
+import tempfile
 
 import pytest
+
+# One XLA compilation cache for the whole session, subprocesses included: the tests compile the
+# same few programs (the tiny train step, the samplers) dozens of times, in-process and in the
+# trainer's subprocesses. A cached executable is the one XLA would build again, so no test sees
+# other numbers; it only skips the compile. Set here, at import, because JAX reads it when imported.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="unet-jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 SEED_TUTORIAL = pathlib.Path(os.environ.get(
     "UNET_JAX_TUTORIAL",

@@ -16,11 +16,15 @@ import numpy as np
 import pytest
 
 from unet_jax import checkpoints
+from unet_jax.model import init_variables
+from unet_jax.train import run_keys
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--batch-size", "8", "--n-T", "20", "--sample-steps", "3", "--num-samples", "4", "--log-every", "1",
-        "--sample-every", "0", "--warmup-steps", "2", "--steps", "10", "--ckpt-every", "0", "--lr", "1e-4", "--conv", "tapgrad"]
+# The trainer's default program (5 steps per dispatch, the default learning rate): logs and
+# checkpoints at multiples of 5, so every dispatch runs the 5-step program that `make train` runs.
+TINY = ["--batch-size", "8", "--n-T", "20", "--sample-steps", "3", "--num-samples", "4", "--log-every", "5",
+        "--sample-every", "0", "--warmup-steps", "2", "--steps", "10", "--ckpt-every", "0", "--conv", "tapgrad"]
 TIMEOUT_S = 300
 
 
@@ -75,19 +79,30 @@ def losses_and_params(workdir):
     return losses, checkpoints.restore_latest_params(str(workdir))[1]["params"]
 
 
+def _norm(leaves):
+    return np.sqrt(sum(np.sum(np.asarray(a, np.float64) ** 2) for a in leaves))
+
+
 def assert_same_training(reference, other):
-    """Same batches and noise, so the same run, up to float32 summation order over the devices."""
+    """Same batches and noise, so the same run, up to float32 summation order over the devices.
+
+    The scale is the run's own update, ||params - initial params||: splitting the batch
+    differently reorders float32 sums (~1e-7 relative in the gradients), and Adam, dividing
+    each gradient by its running RMS, turns that into a visible share of an lr-sized step
+    where a gradient is almost zero (conv biases before a GroupNorm); but a real difference
+    (a device's slice dropped or counted twice, gradients summed where they should be
+    averaged) moves the parameters by a share of their update of order one. Measured on 10
+    steps: 8 devices end 3 % of the update away from one device, 2 processes 5e-7; losses
+    agree to 2e-5. Bounds: 10 % of the update, 1e-3 of the loss.
+    """
     (losses_ref, params_ref), (losses, params) = reference, other
-    assert len(losses) == len(losses_ref) == 10
+    assert len(losses) == len(losses_ref) == 2  # two log windows of 5 steps
     np.testing.assert_allclose(losses, losses_ref, rtol=1e-3)
-    # Reduction order differs (~1e-7 relative in the gradients). Adam divides by sqrt(v), so
-    # for parameters whose gradient is almost zero (conv biases right before a GroupNorm) that
-    # becomes a visible share of one lr-sized step. Over the whole tree the runs agree to 1e-3
-    # of the parameters' norm.
+    initial = init_variables(run_keys(0)[0])["params"]
     leaves_ref, leaves = jax.tree.leaves(params_ref), jax.tree.leaves(params)
-    diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(leaves_ref, leaves)))
-    norm = np.sqrt(sum(np.sum(a**2) for a in leaves_ref))
-    assert diff <= 1e-3 * norm, (diff, norm)
+    update = _norm([a - b for a, b in zip(leaves_ref, jax.tree.leaves(initial))])
+    diff = _norm([a - b for a, b in zip(leaves_ref, leaves)])
+    assert diff <= 0.1 * update, (diff, update)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +127,7 @@ def test_two_processes_train_like_one(one_device, tmp_path):
     assert sorted(os.listdir(tmp_path / "samples")) == ["step_10.png"]  # written once, by process 0
 
     # The checkpoint layout does not depend on the device count: one process resumes it.
-    (_, out, _), = run_ok(tmp_path, [*TINY, "--steps", "12"])
+    (_, out, _), = run_ok(tmp_path, [*TINY, "--steps", "15"])
     assert f"resumed {tmp_path} from step 10" in out and "training on 1 cpu device(s)" in out
 
 
@@ -125,7 +140,7 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(tmp_path):
 
 @pytest.mark.parametrize("killed", [0, 1], ids=["coordinator-killed", "worker-killed"])
 def test_a_killed_process_stops_the_other_and_the_run_resumes(killed, tmp_path):
-    flags = [*TINY, "--steps", "150", "--ckpt-every", "10", "--log-every", "10"]  # --steps: the last one wins
+    flags = [*TINY, "--steps", "40", "--ckpt-every", "10", "--log-every", "10"]  # --steps: the last one wins
     port = free_port()
     procs = launch(tmp_path, flags, processes=2, port=port)
     try:
@@ -149,4 +164,4 @@ def test_a_killed_process_stops_the_other_and_the_run_resumes(killed, tmp_path):
     assert saved_step >= 10
     resumed = run_ok(tmp_path, flags, processes=2)
     assert all(f"from step {saved_step}" in out for _, out, _ in resumed)
-    assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])["step"] == 150
+    assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])["step"] == 40
