@@ -143,3 +143,4 @@ def _blur(images, radius):
         for dx in range(size):
             out += padded[:, dy: dy + 28, dx: dx + 28]
     return out / size**2
+

@@ -362,9 +362,11 @@ def test_torch_trainer_with_a_damaged_own_checkpoint_is_one_line(weights, tmp_pa
     from unet_torch.train import main as torch_main
 
     workdir = tmp_path / "t"
-    workdir.mkdir()
-    shutil.copy(weights["truncated.pt"], workdir / "checkpoint.pt")
-    message = one_line_exit(torch_main, "--workdir", str(workdir), "--steps", "1")
+    flags = ["--workdir", str(workdir), "--batch-size", "8", "--n-T", "20", "--sample-steps", "3", "--num-samples", "4"]
+    torch_main([*flags, "--steps", "1"])
+    blob = (workdir / "checkpoint.pt").read_bytes()
+    (workdir / "checkpoint.pt").write_bytes(blob[: len(blob) // 2])
+    message = one_line_exit(torch_main, *flags, "--steps", "2")
     assert "the run's own checkpoint" in message and "Move it away" in message
 
 

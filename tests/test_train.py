@@ -44,7 +44,7 @@ def test_tiny_run_writes_everything_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     state = train(Config(workdir=workdir, steps=6, ckpt_every=2, **TINY))  # continues to the new total
     assert int(state.step) == 6 and _params(workdir)["step"] == 6
-    assert "note:" not in capsys.readouterr().out  # the same programs: nothing to warn of
+    assert "other device programs" not in capsys.readouterr().out  # the same programs: nothing to warn of
     assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == 3
 
 

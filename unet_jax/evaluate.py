@@ -118,7 +118,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 def load_or_train_classifier(source: str, cache_dir: str, *, epochs: int | None = None):
     """The classifier for ``source``'s training digits: from the cache, else trained and cached."""
     train, held_out = data.load(source, "train"), data.load(source, "test")
-    epochs = epochs or (20 if len(train.labels) < 10_000 else 3)
+    epochs = epochs or (10 if len(train.labels) < 10_000 else 3)
     key = f"{data.fingerprint(train)}-e{epochs}-{_recipe_fingerprint()}"
     path, info_path = os.path.join(cache_dir, key + ".msgpack"), os.path.join(cache_dir, key + ".json")
     template = LeNet().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]

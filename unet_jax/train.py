@@ -75,7 +75,8 @@ IDENTITY = ("batch_size", "lr", "warmup_steps", "decay_steps", "seed", "data", "
 # Settings that leave the run the same run but change how its steps are grouped into device
 # programs, or split over devices, and so the float32 rounding: a resume that changes them is
 # told that its numbers will differ from an uninterrupted run's. (The 3x3 conv lowerings are
-# recorded and reused on their own: conv_plan.json.)
+# recorded and reused on their own: conv_plan.json.) The device count and the JAX version are
+# recorded beside them, for the same reason.
 PROGRAM = ("log_every", "ckpt_every", "sample_every", "steps_per_dispatch")
 
 
@@ -306,7 +307,7 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     except checkpoints.IncompatibleWorkdirError:
         mgr.close()
         raise
-    program = {k: getattr(config, k) for k in PROGRAM} | {"devices": int(mesh.devices.size)}
+    program = {k: getattr(config, k) for k in PROGRAM} | {"devices": int(mesh.devices.size), "jax": jax.__version__}
     recorded_program = (checkpoints.read_config(config.workdir) or {}).get("program")
     if primary:
         checkpoints.write_config(config.workdir, identity | {"program": program})
