@@ -13,7 +13,7 @@ from benchmarks.machine import machine_name
 def test_bench_writes_its_json_and_table(tmp_path):
     command = [sys.executable, "-m", "benchmarks", "--batches", "4", "--repeats", "1", "--images-per-repeat", "4",
                "--ddim-images", "2", "--ddpm-images", "0", "--dtypes", "float32", "--skip-compile", "--out", str(tmp_path),
-               "--conv", "xla", "winograd", "--conv-batches", "4"]
+               "--conv", "winograd", "--conv-batches", "4"]  # one lowering's row: each costs a compile
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (json_path,) = tmp_path.glob("*.json")
@@ -22,7 +22,7 @@ def test_bench_writes_its_json_and_table(tmp_path):
     assert result["matmul_peak_gflops"] > 0
     rows = {(r["case"], r["impl"]): r for r in result["rows"]}
     expected = {("train step", "jax-jit"), ("train step", "jax-jit 1 step/dispatch"), ("train step", "torch eager"),
-                ("train step", "jax-jit conv=xla"), ("train step", "jax-jit conv=winograd"),
+                ("train step", "jax-jit conv=winograd"),
                 ("DDIM-100 sampling", "jax-jit"), ("DDIM-100 sampling", "torch eager")}
     if len(os.sched_getaffinity(0)) > 1:  # a device per core, and the one-device row beside it
         expected.add(("train step", "jax-jit 1 step/dispatch, 1 device"))
@@ -31,7 +31,9 @@ def test_bench_writes_its_json_and_table(tmp_path):
     assert set(rows) == expected
     assert result["machine"]["cpu_kind"] in json_path.stem  # avx2 and avx512 results never overwrite each other
     # Every train-step row counts the same direct-convolution FLOPs, whatever its lowering.
-    assert len({r["flops"] for r in result["rows"] if r["case"] == "train step" and r["impl"].startswith("jax-jit conv")}) == 1
+    jax_rows = [r for r in result["rows"] if r["case"] == "train step" and r["impl"].startswith("jax-jit")]
+    assert len(jax_rows) >= 3
+    assert all(r["flops"] == pytest.approx(jax_rows[0]["flops"], rel=1e-6) for r in jax_rows)  # per step, any program
     for row in result["rows"]:
         assert row["ms_min"] <= row["ms"] <= row["ms_max"] and row["images_per_s"] > 0
         # The ratio is eager's time over the row's, in the same run and case (the table's headline).
