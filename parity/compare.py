@@ -127,12 +127,12 @@ def build_torch_model(seed: int, dtype: str, weights=None):
     model = TorchUnet()
     if weights is not None:
         state_dict = load_state_dict(weights) if isinstance(weights, str) else weights
-        check_floating(state_dict)
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as error:  # torch lists the missing, unexpected and misshapen keys
             raise CheckpointMismatchError("the state_dict does not match the tutorial's Unet:\n"
                                           + str(error).split(":", 1)[-1].strip()) from None
+        check_floating(state_dict)  # after the names: they say more
     else:
         perturb_norms(model, seed)
     return model.to(TORCH_DTYPES[dtype])

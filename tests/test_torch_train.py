@@ -82,3 +82,19 @@ def test_torch_trainer_stops_on_non_finite_gradients_with_a_finite_loss(tmp_path
     assert info.value.code.startswith("error: non-finite gradients and parameters at step 1 (loss ")
     assert "non-finite loss" not in info.value.code
     assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 1
+
+
+def test_torch_trainer_leaves_a_jax_run_alone_and_adopts_its_own_older_runs(tmp_path, capsys):
+    jax_run = tmp_path / "jax"
+    (jax_run / "checkpoints").mkdir(parents=True)
+    (jax_run / "config.json").write_text('{"lr": 0.002}')
+    with pytest.raises(SystemExit) as info:
+        main(["--workdir", str(jax_run), "--steps", "1", *TORCH_TINY])
+    assert "holds a JAX training run" in info.value.code and (jax_run / "config.json").read_text() == '{"lr": 0.002}'
+
+    workdir = str(tmp_path / "torch")
+    main(["--workdir", workdir, "--steps", "1", *TORCH_TINY])
+    os.remove(os.path.join(workdir, "config.json"))  # as a run from before the trainer recorded its settings
+    main(["--workdir", workdir, "--steps", "2", *TORCH_TINY])
+    assert "recording these flags as its settings" in capsys.readouterr().out
+    assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 2

@@ -135,13 +135,25 @@ def test_resume_reuses_the_recorded_conv_lowerings(tmp_path, monkeypatch, capsys
     state = train(Config(workdir=workdir, steps=4, ckpt_every=0, **(TINY | {"conv": "auto"})))
     assert int(state.step) == 4 and checkpoints.read_conv_plan(workdir) == ConvPlan("im2col")
     assert f"3x3 conv lowerings (as recorded in {workdir}): im2col" in capsys.readouterr().out
-    # An explicit --conv overrides the record, and becomes the record. Another --log-every groups
-    # the steps into other programs: the resume says its numbers will differ.
+    # An explicit --conv overrides the record, and becomes the record. The program settings are recorded.
     train(Config(workdir=workdir, steps=6, ckpt_every=0, **(TINY | {"conv": "winograd", "log_every": 1})))
     assert checkpoints.read_conv_plan(workdir) == ConvPlan("winograd")
-    out = capsys.readouterr().out
-    assert "note: log-every 2 -> 1: the steps run in other device programs" in out
     assert json.load(open(os.path.join(workdir, "config.json")))["program"]["log_every"] == 1
+
+
+def test_a_resume_says_when_its_programs_differ_from_the_runs():
+    def program(**changes):
+        return {"log_every": 50, "ckpt_every": 500, "sample_every": 1000, "steps_per_dispatch": 5, "devices": 2,
+                "jax": "0.10.2"} | changes
+
+    changes = train_module.program_changes
+    assert changes(program(), program(), 500, 4000) == []
+    assert changes(program(), program(log_every=100), 500, 4000) == []  # still 5 steps in every dispatch
+    assert changes(program(log_every=2), program(log_every=1), 0, 10) == []  # single steps either way
+    assert changes(program(), program(log_every=7), 500, 4000) == ["log-every 50 -> 7"]
+    assert changes(program(), program(steps_per_dispatch=1), 500, 4000) == ["steps-per-dispatch 5 -> 1"]
+    assert changes(program(), program(devices=1), 500, 4000) == ["devices 2 -> 1"]
+    assert changes(None, program(), 500, 4000) == []  # a run from before the record: nothing to compare
 
 
 def test_a_corrupt_conv_record_is_refused_in_one_line(tmp_path):

@@ -183,7 +183,8 @@ def save_labelled_grid(images, labels, confidences, path: str, columns: int = 10
 def main(argv=None) -> None:
     devices.use_all_cpu_cores()
     parser = argparse.ArgumentParser(prog="python -m unet_jax.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/default", help="the run to evaluate; eval.json goes here")
+    parser.add_argument("--workdir", default="runs/default",
+                        help="the run to evaluate; eval.json goes here (with --torch-checkpoint, beside that file)")
     parser.add_argument("--torch-checkpoint", default=None,
                         help="evaluate this torch state_dict instead (ported, sampled by the same JAX sampler); "
                              "the report goes beside it, as NAME.eval.json")
@@ -241,11 +242,14 @@ def main(argv=None) -> None:
         prefix = os.path.splitext(args.torch_checkpoint)[0] + ".eval"
     else:
         prefix = os.path.join(args.workdir, "eval_raw" if args.raw else "eval")
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    with open(prefix + ".json", "w") as f:
-        json.dump(report, f, indent=2)
     probs, _ = classify(classifier, samples[:100])
-    save_labelled_grid(samples[:100], probs.argmax(1), probs.max(1), prefix + "_samples.png")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        with open(prefix + ".json", "w") as f:
+            json.dump(report, f, indent=2)
+        save_labelled_grid(samples[:100], probs.argmax(1), probs.max(1), prefix + "_samples.png")
+    except OSError as error:
+        raise SystemExit(f"error: cannot write the report {prefix}.json: {error.strerror or error}") from None
     print(f"wrote {prefix}.json and {prefix}_samples.png")
     print(f"model: {report['model']} ({report['weights']} weights; {args.num} samples, {args.sampler} {report['steps']} steps)")
     print(f"classifier held-out accuracy: {acc:.4f}")

@@ -330,8 +330,7 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     if latest is not None:
         state = restored
         print(f"resumed {config.workdir} from step {latest}")
-        changed = [f"{k.replace('_', '-')} {recorded_program[k]} -> {v}" for k, v in program.items()
-                   if recorded_program and k in recorded_program and recorded_program[k] != v]
+        changed = program_changes(recorded_program, program, latest, config.steps)
         if changed and primary:
             print(f"note: {', '.join(changed)}: the steps run in other device programs than before, so from here the "
                   "numbers differ from an uninterrupted run's by float32 rounding (resume with the run's own settings "
@@ -512,6 +511,27 @@ def _conv_plan(config: Config, mesh) -> ConvPlan:
         print(f"3x3 conv lowerings ({source}): {plan.describe()}")
         checkpoints.write_conv_plan(config.workdir, plan)
     return plan
+
+
+def program_changes(recorded: dict | None, program: dict, start: int, steps: int) -> list[str]:
+    """What differs between the programs an uninterrupted run (``recorded``) would run from ``start``
+    to ``steps`` and those this one (``program``) will: the dispatch sizes, the device count, the JAX
+    version. A changed --log-every that groups the steps the same way changes nothing."""
+    if not recorded or not set(PROGRAM) <= set(recorded):
+        return []
+    changed = [f"{k} {recorded[k]} -> {program[k]}" for k in ("devices", "jax") if recorded.get(k) != program[k]]
+
+    def dispatches(settings):
+        config = Config(steps=steps, **{k: settings[k] for k in PROGRAM})
+        sizes, step = [], start
+        while step < steps:
+            sizes.append(_steps_in_dispatch(config, step))
+            step += sizes[-1]
+        return sizes
+
+    if dispatches(recorded) != dispatches(program):
+        changed += [f"{k.replace('_', '-')} {recorded[k]} -> {program[k]}" for k in PROGRAM if recorded[k] != program[k]]
+    return changed
 
 
 def _steps_in_dispatch(config: Config, step: int) -> int:

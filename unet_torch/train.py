@@ -102,20 +102,22 @@ def _identity(config) -> dict:
 
 
 def _check_workdir(config, resuming: bool) -> None:
-    """As the JAX trainer: a workdir whose checkpoint came from other settings is refused, never resumed."""
-    from unet_jax.checkpoints import identity_differences
+    """As the JAX trainer: a workdir of another run (other settings, or the JAX trainer's) is refused,
+    never resumed or overwritten. A checkpoint.pt from before runs recorded their settings is adopted."""
+    from unet_jax.checkpoints import CHECKPOINT_DIR, identity_differences
 
     path = os.path.join(config.workdir, CONFIG_FILE)
-    if resuming:
-        saved = json.load(open(path)) if os.path.exists(path) else None
-        if saved is None:
-            raise TorchRunError(f"{config.workdir} holds checkpoint.pt but no {CONFIG_FILE}, so this run cannot check "
-                                "that it is its own; use another --workdir")
-        differences = identity_differences(saved, _identity(config))
-        if differences:
-            raise TorchRunError(f"{config.workdir} holds a checkpoint of a different run, so it will not be resumed "
-                                "or overwritten: " + "; ".join(d.strip() for d in differences)
-                                + ". Use another --workdir, or the workdir's own settings.")
+    if os.path.isdir(os.path.join(config.workdir, CHECKPOINT_DIR)):
+        raise TorchRunError(f"{config.workdir} holds a JAX training run (its {CHECKPOINT_DIR}/ folder); give the torch "
+                            "trainer a --workdir of its own")
+    saved = json.load(open(path)) if os.path.exists(path) else None
+    if saved is None and resuming:
+        print(f"note: {config.workdir} has checkpoint.pt but no {CONFIG_FILE}: recording these flags as its settings")
+    differences = identity_differences(saved, _identity(config)) if saved is not None else []
+    if differences:
+        raise TorchRunError(f"{config.workdir} holds a different run, so it will not be resumed or overwritten: "
+                            + "; ".join(d.strip() for d in differences)
+                            + ". Use another --workdir, or the workdir's own settings.")
     with open(path + ".tmp", "w") as f:
         json.dump(_identity(config), f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
@@ -139,12 +141,12 @@ def train(config) -> dict:
         from parity import CheckpointMismatchError, check_floating, load_state_dict
 
         state_dict = load_state_dict(config.init_from)
-        check_floating(state_dict, f"--init-from {config.init_from}")
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as error:  # torch lists the missing, unexpected and misshapen keys
             raise CheckpointMismatchError(f"--init-from {config.init_from} does not match the tutorial's Unet:\n"
                                           + str(error).split(":", 1)[-1].strip()) from None
+        check_floating(state_dict, f"--init-from {config.init_from}")  # after the names: they say more
     ema = Unet()
     ema.load_state_dict(model.state_dict())
     optimizer, scheduler = make_optimizer(model, config.lr, config.warmup_steps, config.decay_steps)
