@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 import torch
 
+from unet_jax.errors import first_line
 from unet_jax.model import init_variables
 
 # kind: torch tensor name -> (Flax parameter name, axis permutation torch -> Flax or None)
@@ -163,19 +164,15 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsFileError(
             f"refusing to load {path!r}: it holds Python objects other than tensors, and loading "
             "them could run arbitrary code (torch.load with weights_only=True refused it). "
-            f"Save a plain state_dict (torch.save(model.state_dict(), path)). Details: {_first_line(error)}"
+            f"Save a plain state_dict (torch.save(model.state_dict(), path)). Details: {first_line(error)}"
         ) from None
     except Exception as error:  # torch.load fails on a damaged file with any of a dozen exception types
         raise WeightsFileError(f"cannot read {path!r} as a torch checkpoint ({type(error).__name__}: "
-                               f"{_first_line(error)}); it may be truncated or not a torch.save file") from None
+                               f"{first_line(error)}); it may be truncated or not a torch.save file") from None
     if not isinstance(loaded, Mapping):
         raise WeightsFileError(f"expected {path!r} to hold a state_dict (a dict of tensors), got {type(loaded).__name__}")
     return dict(loaded)
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no details"
 
 
 def check_floating(state_dict: Mapping, what: str = "the state_dict") -> None:

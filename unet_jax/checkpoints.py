@@ -14,6 +14,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from unet_jax.errors import first_line
 from unet_jax.layers import ConvPlan
 
 CONFIG_FILE = "config.json"
@@ -141,7 +142,7 @@ def restore_newest_readable(mgr: ocp.CheckpointManager, args_for_step, *, set_as
         try:
             restored = mgr.restore(step, args=args_for_step(step))
         except Exception as error:  # a damaged checkpoint fails in Orbax, TensorStore or msgpack alike
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             unreadable.append((step, reason[:200]))
             log(f"warning: checkpoint step {step} in {mgr.directory} cannot be restored ({reason[:200]})")
             continue

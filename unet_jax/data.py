@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unet_jax.errors import first_line
+
 BUNDLED = "bundled"
 _IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -98,7 +100,7 @@ def download(root: str) -> None:
         for train in (True, False):
             MNIST(root, train=train, download=True)
     except (OSError, RuntimeError) as error:  # torchvision: URLError (an OSError) per mirror, then RuntimeError
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         files = ", ".join(f"{name}.gz" for pair in _IDX.values() for name in pair)
         raise MnistError(f"could not download MNIST into {root} ({reason}). Without network, copy {files} "
                          f"into {os.path.join(root, 'MNIST', 'raw')} by hand, then run without --download") from None

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.diffusion import (DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, draw_timesteps_and_noise,
                                 noise_prediction_loss)
+from unet_jax.errors import first_line
 from unet_jax.layers import ConvPlan
 from unet_jax.model import COMPUTE_DTYPES, Unet, init_variables
 from unet_jax.sample import generate, save_grid
@@ -405,7 +406,7 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
         try:
             mgr.wait_until_finished()
         except Exception as error:  # Orbax reports a failed write from any layer (OS, TensorStore, its own)
-            raise save_failed_error(step, _first_line(error)) from error
+            raise save_failed_error(step, first_line(error)) from error
         # Process 0 commits a checkpoint (renames its folder) once every process has written its share.
         if primary and step not in checkpoints.committed_steps(config.workdir):
             raise save_failed_error(step, "it never reached the disk; see Orbax's log above")
@@ -416,7 +417,7 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
         try:
             mgr.save(done, args=ocp.args.StandardSave(state))
         except Exception as error:
-            raise save_failed_error(done, _first_line(error)) from error
+            raise save_failed_error(done, first_line(error)) from error
         in_flight = done
 
     def write_log(done, window_acc, seconds):
@@ -458,9 +459,8 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     except (jax.errors.JaxRuntimeError, ValueError) as error:
         if jax.process_count() == 1 or not _is_lost_peer(error):
             raise
-        first_line = str(error).strip().splitlines()[0]
         raise PeerLostError(
-            f"process {jax.process_index()} of {jax.process_count()} stopped at step {step}: {first_line}\n"
+            f"process {jax.process_index()} of {jax.process_count()} stopped at step {step}: {first_line(error)}\n"
             "A process that dies (killed, out of memory, preempted) shows up like this in the others. "
             f"The last complete checkpoint in {config.workdir} is {last_committed()}; run the same command "
             "on every process again to resume from it.") from error
@@ -476,10 +476,6 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
             mgr.close()
     return state
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 # What a collective reports when a peer process died: gloo's closed connection, or the
