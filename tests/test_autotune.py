@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import jax
 import pytest
@@ -50,14 +51,40 @@ def test_conv_layers_are_the_unets_convolutions():
         assert key.endswith(f"{kernels[path][2]}->{kernels[path][3]}")
 
 
-def test_a_real_measurement_times_every_lowering_and_caches_the_fastest(cache_dir):
+def test_a_real_measurement_times_every_candidate_and_caches_the_fastest(cache_dir):
     plan = autotune.autotune(1, "sample", log=lambda *_: None)
     (entry,) = json.loads((cache_dir / "conv_autotune.json").read_text())["entries"].values()
     assert set(entry["ms"]) == set(autotune.conv_layers())
     for key, row in entry["ms"].items():
-        assert set(row) == set(CONV_LOWERINGS) and all(ms > 0 for ms in row.values())
+        assert set(row) == set(autotune.CANDIDATES["sample"]) and all(ms > 0 for ms in row.values())
         assert plan.lowering(key) == min(row, key=row.get)
     assert ConvPlan.from_json(entry["plan"]) == plan
+
+
+def test_candidates_are_lowerings_and_cover_each_mode():
+    for mode in autotune.MODES:
+        assert set(autotune.CANDIDATES[mode]) <= set(CONV_LOWERINGS) and "xla" in autotune.CANDIDATES[mode]
+    # Every lowering is a candidate in one mode or the other: none is offered that is never timed.
+    assert set(autotune.CANDIDATES["train"]) | set(autotune.CANDIDATES["sample"]) == set(CONV_LOWERINGS)
+
+
+def test_candidates_take_turns_and_a_far_slower_one_stops_after_the_first_round(monkeypatch):
+    monkeypatch.setattr(autotune, "CUTOFF", 10.0)  # far from the 50x below, and from sleep's jitter
+    calls = []
+
+    def program(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+            return jax.numpy.zeros(())
+        return run
+
+    programs = {"quick": program("quick", 0.002), "slow": program("slow", 0.1), "close": program("close", 0.002)}
+    best = autotune._time_side_by_side(programs, (), rounds=3, min_seconds=0.0)
+    # A warm-up each, then rounds in turn; the slow one (50x) is dropped after round one.
+    assert calls[:6] == ["quick", "slow", "close", "quick", "slow", "close"]
+    assert calls.count("slow") == 2 and calls.count("quick") == calls.count("close") == 4
+    assert best["quick"] < best["slow"] and best["close"] < best["slow"]
 
 
 def test_a_warm_cache_measures_nothing(cache_dir, counted_measure):
@@ -108,8 +135,8 @@ def test_the_cache_key_names_the_machine_and_the_measurement():
 def test_autotune_cli_prints_the_table(cache_dir, counted_measure, capsys):
     autotune.main(["--batch", "4"])
     out = capsys.readouterr().out
-    assert "| layer shape | layers | im2col | tapgrad | winograd | xla | chosen |" in out
-    assert "| 28x28 64->64 | encoder/down1/model_0/block_0, decoder/up4/model_1/block_0 | 1.0 |  |  | 2.0 | im2col |" in out
+    assert "| layer shape | layers | tapgrad | winograd_tapgrad | im2col | xla | chosen |" in out  # train's candidates
+    assert "| 28x28 64->64 | encoder/down1/model_0/block_0, decoder/up4/model_1/block_0 |  |  | 1.0 | 2.0 | im2col |" in out
     assert os.path.exists(cache_dir / "conv_autotune.json") and "from the cache" not in out
     autotune.main(["--batch", "4"])
     assert "ms per call, from the cache:" in capsys.readouterr().out

@@ -209,3 +209,28 @@ def test_ema_warms_up():
 def test_config_identity_names_real_fields():
     names = {f.name for f in dataclasses.fields(Config)}
     assert set(train_module.IDENTITY) <= names
+
+
+def test_pmean_flat_equals_lax_pmean_on_two_devices_bit_for_bit():
+    code = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from unet_jax.train import pmean_flat
+mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+keys = jax.random.split(jax.random.key(0), 4)
+tree = {"a": jax.random.normal(keys[0], (2, 3, 5)), "b": [jax.random.normal(keys[1], (2,)),
+        jax.random.normal(keys[2], (2, 7)).astype(jnp.bfloat16)], "loss": jax.random.normal(keys[3], (2, 1))}
+def both(tree):
+    tree = jax.tree.map(lambda a: a[0] * 1e3, tree)  # each device its own values, far from round
+    return pmean_flat(tree, "data"), jax.lax.pmean(tree, "data")
+flat, plain = jax.jit(jax.shard_map(both, mesh=mesh, in_specs=P("data"), out_specs=P(), check_vma=False))(tree)
+assert jax.tree.structure(flat) == jax.tree.structure(plain)
+for f, p in zip(jax.tree.leaves(flat), jax.tree.leaves(plain)):
+    assert f.dtype == p.dtype and f.shape == p.shape
+    np.testing.assert_array_equal(np.asarray(f, np.float64), np.asarray(p, np.float64))
+assert not np.array_equal(np.asarray(plain["a"]), np.asarray(tree["a"][0] * 1e3))  # the devices did differ
+print("ok")
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

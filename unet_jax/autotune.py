@@ -1,9 +1,10 @@
 """Pick each 3x3 convolution's lowering by timing them on this machine: ``python -m unet_jax.autotune``.
 
 No lowering of the 3x3 convolution is fastest everywhere (see ``unet_jax/layers.py``), so, as
-cuDNN's autotuner does, every lowering is timed on the network's real layer shapes at the
-run's per-device batch, forward and both gradients for training, forward alone for sampling,
-over the devices the run will use. The fastest per shape makes a ``ConvPlan``.
+cuDNN's autotuner does, the candidate lowerings (``CANDIDATES``) are timed side by side on the
+network's real layer shapes at the run's per-device batch, forward and both gradients for
+training, forward alone for sampling, over the devices the run will use. The fastest per
+shape makes a ``ConvPlan``.
 
 The plan is cached per machine (CPU model and flags, backend, JAX version, device count,
 per-device batch, mode) in ``$UNET_JAX_CACHE_DIR`` or ``~/.cache/unet_jax``: a warm cache
@@ -34,7 +35,14 @@ from unet_jax.model import IMAGE_SHAPE, Unet
 CHOICES = ("auto", *CONV_LOWERINGS)
 MODES = ("train", "sample")
 CACHE_VERSION = 1
-# A candidate whose first run takes this many times the best so far is not timed further.
+# The lowerings worth timing. Training: `winograd`'s autodiff runs the transposes of its strided
+# tile slices, so `winograd_tapgrad` (the same forward) is never slower. Sampling runs forward
+# alone, where `tapgrad` is `xla` and `winograd_tapgrad` is `winograd`.
+CANDIDATES = {
+    "train": ("tapgrad", "winograd_tapgrad", "im2col", "xla"),
+    "sample": ("winograd", "im2col", "xla"),
+}
+# A candidate that takes this many times the fastest in the first round is not timed further.
 CUTOFF = 1.5
 
 
@@ -90,42 +98,48 @@ def _compile(lowering: str, args: tuple, mode: str, mesh):
     return jax.jit(program).lower(*args).compile()
 
 
-def _time(program, args: tuple, *, repeats: int, give_up_after: float, min_seconds: float = 0.2,
-          max_repeats: int = 10) -> float:
-    """Seconds per call: the best of at least ``repeats`` after a warm-up, more (up to
-    ``max_repeats``) while they add up to under ``min_seconds``, since the shortest layers are
-    the noisiest; or the warm-up alone if it took longer than ``give_up_after``."""
-    start = time.perf_counter()
-    jax.block_until_ready(program(*args))
-    if time.perf_counter() - start > give_up_after:
-        return time.perf_counter() - start
-    times: list[float] = []
-    while len(times) < repeats or (sum(times) < min_seconds and len(times) < max_repeats):
-        start = time.perf_counter()
+def _time_side_by_side(programs: dict, args: tuple, *, rounds: int = 3, min_seconds: float = 0.2,
+                       max_rounds: int = 10) -> dict[str, float]:
+    """Seconds per call of each program, the best of several rounds in which each runs once in turn.
+
+    Taking turns makes a burst of load on a shared machine fall on every candidate alike, where
+    timing one after another would hand it to whichever ran then. After a warm-up call each,
+    at least ``rounds`` rounds run, more (up to ``max_rounds``) while the fastest's runs add up
+    to under ``min_seconds``, since the shortest layers are the noisiest. A program that takes
+    CUTOFF times the fastest in the first round is not timed further.
+    """
+    for program in programs.values():
         jax.block_until_ready(program(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = {name: np.inf for name in programs}
+    timed, spent = list(programs), 0.0
+    for done in range(max_rounds):
+        if done >= rounds and spent >= min_seconds:
+            break
+        for name in timed:
+            start = time.perf_counter()
+            jax.block_until_ready(programs[name](*args))
+            best[name] = min(best[name], time.perf_counter() - start)
+        if done == 0:
+            timed = [name for name in timed if best[name] <= CUTOFF * min(best.values())]
+        spent += min(best.values())
+    return best
 
 
-def measure(batch: int, mode: str, mesh, *, repeats: int = 2, log=print) -> tuple[ConvPlan, dict]:
-    """Time every lowering on every layer shape; returns (the fastest per shape, {shape: {lowering: ms}}).
+def measure(batch: int, mode: str, mesh, *, log=print) -> tuple[ConvPlan, dict]:
+    """Time every candidate lowering on every layer shape; returns (the fastest per shape, {shape: {lowering: ms}}).
 
     ``batch`` is the global batch, split over ``mesh``. The programs compile first, on every
     core at once, so that no compile runs beside a timing.
     """
     shapes = list(conv_layers())
-    # XLA's own last: where it is slow it is the slowest by far, and its timing stops after the warm-up.
-    lowerings = sorted(CONV_LOWERINGS, key=lambda name: name == "xla")
     inputs = {key: _inputs(key, batch, mode, mesh) for key in shapes}
-    jobs = [(key, lowering) for key in shapes for lowering in lowerings]
+    jobs = [(key, lowering) for key in shapes for lowering in CANDIDATES[mode]]
     with concurrent.futures.ThreadPoolExecutor(devices.usable_cores()) as pool:
         programs = dict(zip(jobs, pool.map(lambda job: _compile(job[1], inputs[job[0]], mode, mesh), jobs)))
     table: dict[str, dict[str, float]] = {}
     for key in shapes:
-        row = table[key] = {}
-        for lowering in lowerings:
-            cutoff = CUTOFF * min(row.values(), default=np.inf) / 1e3
-            row[lowering] = 1e3 * _time(programs[key, lowering], inputs[key], repeats=repeats, give_up_after=cutoff)
+        seconds = _time_side_by_side({lowering: programs[key, lowering] for lowering in CANDIDATES[mode]}, inputs[key])
+        row = table[key] = {lowering: 1e3 * s for lowering, s in seconds.items()}
         log(f"  {key:>16}: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in row.items()))
     by_shape = tuple(sorted((key, min(row, key=row.get)) for key, row in table.items()))
     return ConvPlan("xla", by_shape), table
@@ -254,7 +268,7 @@ def main(argv=None) -> None:
     layers = conv_layers()
     print(f"\n3x3 conv lowerings on {jax.default_backend()}, {args.mode}, batch {per_device} per device on "
           f"{mesh.devices.size} device(s); ms per call{', from the cache' if cached else ''}:\n")
-    names = sorted(CONV_LOWERINGS)
+    names = CANDIDATES[args.mode]
     print("| layer shape | layers | " + " | ".join(names) + " | chosen |")
     print("|---|---|" + "---|" * len(names) + "---|")
     for key, paths in layers.items():

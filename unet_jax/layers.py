@@ -164,29 +164,36 @@ def _tapgrad_forward(x, kernel):
 
 def _tapgrad_backward(residuals, dy_BxHxWxO):
     x, kernel = residuals
-    # The input gradient is a canonical convolution of dy with the flipped, in/out-swapped kernel.
-    dx = conv3x3_xla(dy_BxHxWxO, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    return dx, _weight_gradient(x, dy_BxHxWxO)
+    return conv3x3_xla(dy_BxHxWxO, _input_gradient_kernel(kernel)), _weight_gradient(x, dy_BxHxWxO)
+
+
+def _input_gradient_kernel(kernel_3x3xIxO):
+    """The input gradient of a padding-1 3x3 convolution is the same convolution of dy with the
+    kernel flipped in space and in/out swapped, so any forward lowering can run it."""
+    return jnp.flip(kernel_3x3xIxO, (0, 1)).swapaxes(2, 3)
 
 
 def _weight_gradient(x_BxHxWxI, dy_BxHxWxO):
-    """sum over b, h, w of taps(x) (x) dy: a loop over small groups of images.
+    """sum over b, h, w of taps(x) (x) dy: a loop over pairs of images, one matmul each.
 
-    A group's nine taps side by side, (n, 9I), stay in cache and are contracted with its dy at
-    once; the whole batch's taps at once would be nine fresh activation-sized buffers, and on
-    XLA:CPU writing those costs more than the matmuls.
+    A pair's nine taps are stacked channel-major, (9I, pixels), so that the matmul with the
+    pair's dy, (pixels, O), contracts canonical operands: the matrix libraries take no other
+    layout, and XLA would otherwise transpose the taps, nine times the input, for each pair.
+    Looping keeps a pair's taps in cache; the whole batch's taps at once would be nine fresh
+    activation-sized buffers, and on XLA:CPU writing those costs more than the matmuls.
     """
     b, h, w, in_ch = x_BxHxWxI.shape
     out_ch = dy_BxHxWxO.shape[-1]
     group = 2 if b % 2 == 0 else 1
-    padded = jnp.pad(x_BxHxWxI, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(b // group, group, h + 2, w + 2, in_ch)
+    padded = jnp.pad(x_BxHxWxI, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # (pairs, I, 2, H+2, W+2): one transpose of the input, not of its nine taps
+    x_GxIxNxHxW = padded.reshape(b // group, group, h + 2, w + 2, in_ch).transpose(0, 4, 1, 2, 3)
     dy_GxNxO = dy_BxHxWxO.reshape(b // group, group * h * w, out_ch)
 
     def group_gradient(i):
-        x = lax.dynamic_index_in_dim(padded, i, keepdims=False)
-        columns = jnp.concatenate([x[:, r:r + h, c:c + w, :] for r in range(3) for c in range(3)], axis=-1)
-        dy = lax.dynamic_index_in_dim(dy_GxNxO, i, keepdims=False)
-        return lax.dot_general(columns.reshape(-1, 9 * in_ch), dy, (((0,), (0,)), ((), ())))
+        x = lax.dynamic_index_in_dim(x_GxIxNxHxW, i, keepdims=False)
+        taps_9IxN = jnp.concatenate([x[:, :, r:r + h, c:c + w] for r in range(3) for c in range(3)], axis=0)
+        return jnp.dot(taps_9IxN.reshape(9 * in_ch, -1), lax.dynamic_index_in_dim(dy_GxNxO, i, keepdims=False))
 
     total = lax.fori_loop(0, b // group, lambda i, total: total + group_gradient(i),
                           jnp.zeros((9 * in_ch, out_ch), dy_BxHxWxO.dtype))
@@ -247,11 +254,35 @@ def conv3x3_winograd(x_BxHxWxI, kernel_3x3xIxO):
     return tiles.reshape(b, 2 * th, 2 * tw, out_ch)[:, :h, :w, :]
 
 
+@jax.custom_vjp
+def conv3x3_winograd_tapgrad(x_BxHxWxI, kernel_3x3xIxO):
+    """Winograd F(2x2, 3x3) forward and for the input gradient; the weight gradient as tapgrad's matmuls.
+
+    Autodiff of ``conv3x3_winograd`` runs the transposes of its strided tile slices, which cost
+    more than the multiplies they save; the input gradient is instead a Winograd convolution of
+    dy (see ``_input_gradient_kernel``), and the weight gradient contracts taps with dy directly.
+    """
+    return conv3x3_winograd(x_BxHxWxI, kernel_3x3xIxO)
+
+
+def _winograd_tapgrad_forward(x, kernel):
+    return conv3x3_winograd(x, kernel), (x, kernel)
+
+
+def _winograd_tapgrad_backward(residuals, dy_BxHxWxO):
+    x, kernel = residuals
+    return conv3x3_winograd(dy_BxHxWxO, _input_gradient_kernel(kernel)), _weight_gradient(x, dy_BxHxWxO)
+
+
+conv3x3_winograd_tapgrad.defvjp(_winograd_tapgrad_forward, _winograd_tapgrad_backward)
+
+
 CONV_LOWERINGS = {
     "xla": conv3x3_xla,
     "tapgrad": conv3x3_tapgrad,
     "im2col": conv3x3_im2col,
     "winograd": conv3x3_winograd,
+    "winograd_tapgrad": conv3x3_winograd_tapgrad,
 }
 
 

@@ -158,7 +158,7 @@ def apply_update(state: TrainState, x0, t_B, noise, *, model: Unet, tx, schedule
         per_device = grad_fn
         # check_vma=False: each device's gradient stays its own until the explicit pmean (with
         # the check, JAX would sum the replicated parameters' gradients over devices itself).
-        grad_fn = jax.shard_map(lambda *args: jax.lax.pmean(per_device(*args), axis), mesh=sharding.mesh,
+        grad_fn = jax.shard_map(lambda *args: pmean_flat(per_device(*args), axis), mesh=sharding.mesh,
                                 in_specs=(P(), P(axis), P(axis), P(axis)), out_specs=P(), check_vma=False)
     loss, grads = grad_fn(state.params, x0, t_B, noise)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -170,6 +170,21 @@ def apply_update(state: TrainState, x0, t_B, noise, *, model: Unet, tx, schedule
                  | jnp.where(_all_finite(params), 0, NONFINITE_PARAMETERS))
     return TrainState(state.step + 1, params, ema_params, opt_state), {"step": state.step, "loss": loss,
                                                                         "nonfinite": nonfinite}
+
+
+def pmean_flat(tree, axis: str):
+    """``lax.pmean`` of a pytree with each dtype's leaves in one flat buffer: the same numbers
+    (each element is averaged alone), but XLA:CPU all-reduces one long array much faster than a
+    tuple of dozens of small ones."""
+    leaves, treedef = jax.tree.flatten(tree)
+    out = list(leaves)
+    for dtype in dict.fromkeys(leaf.dtype for leaf in leaves):  # first-seen order: the same program everywhere
+        group = [i for i, leaf in enumerate(leaves) if leaf.dtype == dtype]
+        flat = jax.lax.pmean(jnp.concatenate([jnp.ravel(leaves[i]) for i in group]), axis)
+        offsets = np.cumsum([0] + [leaves[i].size for i in group])
+        for i, start, stop in zip(group, offsets[:-1], offsets[1:]):
+            out[i] = flat[start:stop].reshape(leaves[i].shape)
+    return jax.tree.unflatten(treedef, out)
 
 
 def _all_finite(tree):
