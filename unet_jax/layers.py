@@ -5,9 +5,9 @@ The pools and the transposed convolution have a ``fast`` switch. ``fast=False`` 
 that computes the same numbers. Both read the same parameters, so one set of weights serves
 either, and ``tests/test_layers.py`` holds them to each other.
 
-Why: on XLA:CPU the gradient of a transposed convolution takes a naive path (hundreds of ms
-per layer here), and max-pool's backward (``select_and_scatter``) is about 9x slower than a
-reshape and a max. In this network every pool has stride == window and every transposed
+Why: on XLA:CPU the gradient of a transposed convolution takes a naive path, and max-pool's
+backward (``select_and_scatter``) is several times slower than a reshape and a max
+(``benchmarks/README.md``, Fast, exact layers). In this network every pool has stride == window and every transposed
 convolution has stride == kernel, so windows never overlap and both become reshapes.
 
 The 3x3 convolution (``Conv3x3``) has several exact lowerings instead, since none is fastest
@@ -147,26 +147,6 @@ def _taps(x_BxHxWxI):
     return [padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
 
 
-@jax.custom_vjp
-def conv3x3_tapgrad(x_BxHxWxI, kernel_3x3xIxO):
-    """XLA's convolution forward and for the input gradient; the weight gradient as nine matmuls.
-
-    JAX's weight-gradient convolution swaps batch and feature dimensions, which XLA:CPU runs as
-    a convolution with an HxW "kernel", far slower than the forward on some CPUs. Per tap the
-    weight gradient is just (shifted x)^T @ dy, contracted over B*H*W.
-    """
-    return conv3x3_xla(x_BxHxWxI, kernel_3x3xIxO)
-
-
-def _tapgrad_forward(x, kernel):
-    return conv3x3_xla(x, kernel), (x, kernel)
-
-
-def _tapgrad_backward(residuals, dy_BxHxWxO):
-    x, kernel = residuals
-    return conv3x3_xla(dy_BxHxWxO, _input_gradient_kernel(kernel)), _weight_gradient(x, dy_BxHxWxO)
-
-
 def _input_gradient_kernel(kernel_3x3xIxO):
     """The input gradient of a padding-1 3x3 convolution is the same convolution of dy with the
     kernel flipped in space and in/out swapped, so any forward lowering can run it."""
@@ -200,7 +180,33 @@ def _weight_gradient(x_BxHxWxI, dy_BxHxWxO):
     return total.reshape(3, 3, in_ch, out_ch)
 
 
-conv3x3_tapgrad.defvjp(_tapgrad_forward, _tapgrad_backward)
+def _with_tap_weight_gradient(forward):
+    """A 3x3 conv lowering whose forward and input gradient run ``forward`` (the input gradient as
+    the same convolution of dy with the flipped, in/out-swapped kernel) and whose weight gradient
+    is ``_weight_gradient``'s tap matmuls.
+
+    JAX's weight-gradient convolution swaps batch and feature dimensions, which XLA:CPU runs as
+    a convolution with an HxW "kernel", far slower than the forward on some CPUs. Per tap the
+    weight gradient is just (shifted x)^T @ dy, contracted over B*H*W.
+    """
+
+    @jax.custom_vjp
+    def conv(x_BxHxWxI, kernel_3x3xIxO):
+        return forward(x_BxHxWxI, kernel_3x3xIxO)
+
+    def conv_forward(x, kernel):
+        return forward(x, kernel), (x, kernel)
+
+    def conv_backward(residuals, dy_BxHxWxO):
+        x, kernel = residuals
+        return forward(dy_BxHxWxO, _input_gradient_kernel(kernel)), _weight_gradient(x, dy_BxHxWxO)
+
+    conv.defvjp(conv_forward, conv_backward)
+    return conv
+
+
+# XLA's convolution forward and for the input gradient; the weight gradient as tap matmuls.
+conv3x3_tapgrad = _with_tap_weight_gradient(conv3x3_xla)
 
 
 def conv3x3_im2col(x_BxHxWxI, kernel_3x3xIxO):
@@ -254,27 +260,10 @@ def conv3x3_winograd(x_BxHxWxI, kernel_3x3xIxO):
     return tiles.reshape(b, 2 * th, 2 * tw, out_ch)[:, :h, :w, :]
 
 
-@jax.custom_vjp
-def conv3x3_winograd_tapgrad(x_BxHxWxI, kernel_3x3xIxO):
-    """Winograd F(2x2, 3x3) forward and for the input gradient; the weight gradient as tapgrad's matmuls.
-
-    Autodiff of ``conv3x3_winograd`` runs the transposes of its strided tile slices, which cost
-    more than the multiplies they save; the input gradient is instead a Winograd convolution of
-    dy (see ``_input_gradient_kernel``), and the weight gradient contracts taps with dy directly.
-    """
-    return conv3x3_winograd(x_BxHxWxI, kernel_3x3xIxO)
-
-
-def _winograd_tapgrad_forward(x, kernel):
-    return conv3x3_winograd(x, kernel), (x, kernel)
-
-
-def _winograd_tapgrad_backward(residuals, dy_BxHxWxO):
-    x, kernel = residuals
-    return conv3x3_winograd(dy_BxHxWxO, _input_gradient_kernel(kernel)), _weight_gradient(x, dy_BxHxWxO)
-
-
-conv3x3_winograd_tapgrad.defvjp(_winograd_tapgrad_forward, _winograd_tapgrad_backward)
+# Winograd forward and for the input gradient; the weight gradient as tapgrad's matmuls. Autodiff
+# of ``conv3x3_winograd`` runs the transposes of its strided tile slices, which cost more than
+# the multiplies they save.
+conv3x3_winograd_tapgrad = _with_tap_weight_gradient(conv3x3_winograd)
 
 
 CONV_LOWERINGS = {
