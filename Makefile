@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: train test parity bench clean
 
-$(STAMP): pyproject.toml
+# Everything, at the versions CI tests (constraints.txt); `pip install .` alone is the JAX side.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[torch,test]'
 	touch $(STAMP)
 
 train: $(STAMP)

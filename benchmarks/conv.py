@@ -4,7 +4,7 @@ The network's largest layer (batch 64, 28x28, 64 -> 64 channels, float32 or bflo
 for XLA and NCHW for torch), forward alone and forward with both gradients: XLA on one host device,
 each 3x3 conv lowering of ``unet_jax.layers`` (``--conv``), torch on one thread and on
 every core. Medians of repeats, warm-up excluded. This is the
-measurement behind the README's account of what bounds the train step on a CPU.
+measurement behind benchmarks/README.md's account of what bounds the train step on a CPU.
 """
 
 import argparse
@@ -12,6 +12,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import torch
+
 from benchmarks.timing import time_repeats
 from unet_jax import devices
 from unet_jax.layers import CONV_LOWERINGS

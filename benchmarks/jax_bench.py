@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.timing import time_repeats, timed
+from ddpm_recipe.schedule import linear_schedule
+from ddpm_recipe.settings import Config
 from unet_jax import devices
 from unet_jax.model import COMPUTE_DTYPES, Unet, init_variables
 from unet_jax.sample import generate
-from unet_jax.schedule import linear_schedule
-from unet_jax.train import Config, create_state, jit_train_steps, make_optimizer, new_accumulator
-
+from unet_jax.step import create_state, jit_train_steps, make_optimizer, new_accumulator
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:

@@ -5,7 +5,7 @@ Runs the trainer's jitted program (``--steps-per-dispatch`` steps per dispatch) 
 convolutions and matmuls, layout copies, elementwise and reduction fusions,
 concatenations. It also counts the process's minor page faults per step: memory touched
 for the first time, which a program that gets fresh buffers each dispatch pays again.
-This is the measurement behind the README's account of what bounds the train step on a CPU.
+This is the measurement behind benchmarks/README.md's account of what bounds the train step on a CPU.
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """python -m benchmarks.scaling: the trainer's throughput on 1, 2 and 8 devices, and in 2 processes.
 
 Each configuration is the real ``python -m unet_jax.train`` in subprocesses, started the way
-the README's "Scaling out" section does it (simulated host devices through XLA_FLAGS, two
+"Scaling out" in benchmarks/README.md does it (simulated host devices through XLA_FLAGS, two
 processes joined through a coordinator on 127.0.0.1). Throughput is the median images/s
 of the trainer's own log windows after the first. On a CPU this shows that the code paths
 work and what they cost, not how a cluster scales: the simulated devices share the cores.

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from benchmarks.timing import time_repeats, timed
-from unet_jax.schedule import linear_schedule
+from ddpm_recipe.schedule import linear_schedule
 from unet_torch.diffusion import ddim_sample, ddpm_sample
 from unet_torch.model import Unet
-from unet_torch.train import make_optimizer, train_step
+from unet_torch.train import apply_update, make_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -45,7 +45,7 @@ def train_step_case(images_u8, batch: int, dtype: str, *, compiled: str | None, 
     def one():
         x0, t, noise = batches[counter["i"] % len(batches)]
         with autocast:
-            train_step(forward, ema, optimizer, scheduler, schedule, x0, t, noise, counter["i"], 0.999)
+            apply_update(forward, ema, optimizer, scheduler, schedule, x0, t, noise, counter["i"], 0.999)
         counter["i"] += 1
 
     sync = _sync(device)

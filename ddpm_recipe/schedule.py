@@ -2,8 +2,8 @@
 
 Ho et al. (2020): linear betas from beta_1 = 1e-4 to beta_T = 0.02 over T = 1000 steps.
 Arrays are indexed by the timestep t itself, 0..T; index 0 is "no noise" (beta_0 = 0,
-alpha_bar_0 = 1), so a sampler's last step lands exactly on the clean image. The torch
-trainer imports this module too, so both sides train on the very same numbers.
+alpha_bar_0 = 1), so a sampler's last step lands exactly on the clean image. Both trainers
+and both samplers read this module, so they run on the very same numbers.
 """
 
 from typing import NamedTuple
@@ -25,6 +25,15 @@ class Schedule(NamedTuple):
     @property
     def n_T(self) -> int:
         return len(self.beta) - 1
+
+
+# The samplers' defaults, the same in both frameworks and on every command line: DDIM with
+# eta = 1 and x0 clipped to [-1, 1] drew cleaner digits from short runs than eta = 0 unclipped
+# (see benchmarks/README.md, What the models draw).
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_SAMPLE_STEPS = 100
+DEFAULT_ETA = 1.0
+DEFAULT_CLIP_X0 = True
 
 
 def linear_schedule(n_T: int = N_T, beta_1: float = BETA_1, beta_T: float = BETA_T) -> Schedule:

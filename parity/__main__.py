@@ -10,7 +10,7 @@ import sys
 
 import jax
 
-from parity.compare import build_torch_model, compare, format_table
+from ddpm_recipe.weights import TorchNotInstalledError, import_torch
 from parity.port import CheckpointMismatchError, WeightsFileError
 from unet_jax.layers import CONV_LOWERINGS
 
@@ -27,6 +27,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be at least 1")
+    try:
+        import_torch("python -m parity (it runs the torch reference)")
+    except TorchNotInstalledError as error:
+        raise SystemExit(f"error: {error}") from None
+    from parity.compare import build_torch_model, compare, format_table
 
     with jax.enable_x64(args.dtype == "float64"):
         try:

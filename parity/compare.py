@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from parity.port import CheckpointMismatchError, check_floating, flax_to_torch, load_state_dict, torch_to_flax
+from parity.port import CheckpointMismatchError, check_floating, flax_to_torch, torch_to_flax
 from unet_jax.diffusion import N_T
 from unet_jax.model import Unet
+from unet_torch.weights import load_state_dict
 
 ACTIVATIONS = ("x_f", "d1", "d2", "d3", "latent", "temb", "u1", "u2", "u3", "u4", "eps_hat")
 # (activation max |diff|, gradient max |diff| / max |grad|)

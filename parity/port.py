@@ -9,16 +9,22 @@ bit-identical in every dtype.
 import collections
 import functools
 import os
-import pickle
+import sys
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import torch
 
-from unet_jax.errors import first_line
+from ddpm_recipe.weights import (  # noqa: F401 (parity's API)
+    TORCH_EXTRA,
+    CheckpointMismatchError,
+    WeightsFileError,
+    check_floating,
+    check_weights_file,
+    import_torch,
+)
 from unet_jax.model import init_variables
 
 # kind: torch tensor name -> (Flax parameter name, axis permutation torch -> Flax or None)
@@ -57,19 +63,6 @@ LAYERS = (
 
 # Wrappers that prefix every key: DataParallel / DistributedDataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointMismatchError(ValueError):
-    """A state_dict or Flax tree whose names, shapes or dtypes are not the tutorial UNet's."""
-
-    def one_line(self) -> str:
-        """The first problem and how many there are: for a CLI's single line of error."""
-        lines = str(self).splitlines()
-        return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}; first: {lines[1].strip()}"
-
-
-class WeightsFileError(ValueError):
-    """A weights file that cannot be read as a state_dict: missing, not a file, truncated, refused."""
 
 
 def _rows():
@@ -118,9 +111,12 @@ def _check(found: Mapping[str, tuple], expected: Mapping[str, tuple], what: str)
 
 
 # ---------------------------------------------------------------------------- torch side I/O
+# torch is imported only where a torch tensor is made or a .pt file read, so that a JAX-only
+# install ports .safetensors files and NumPy state_dicts.
 
 def _to_numpy(value) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # without torch imported, no value is a torch tensor
+    if torch is not None and isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         if value.dtype == torch.bfloat16:  # numpy has no bfloat16; keep the bits
             return value.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
@@ -128,63 +124,36 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _to_torch(array: np.ndarray) -> torch.Tensor:
+def _to_torch(array: np.ndarray):
+    torch = import_torch("flax_to_torch (torch tensors)")
     array = np.array(array, copy=True, order="C")  # jax hands out read-only buffers; torch wants its own
     if array.dtype == ml_dtypes.bfloat16:
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state_dict from ``.pt``/``.pth`` (never executing pickled code) or ``.safetensors``.
+def read_weights(path: str | os.PathLike) -> dict:
+    """A weights file's state_dict: ``.safetensors`` as NumPy arrays (no torch needed), ``.pt``/``.pth``
+    as torch tensors through ``unet_torch.weights`` (pickled code never runs).
 
     Raises WeightsFileError, naming the file, for anything that is not a readable state_dict.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise WeightsFileError(f"no weights file at {path!r}")
-    if not os.path.isfile(path):
-        raise WeightsFileError(f"{path!r} is a directory, not a weights file: give the .pt or .safetensors file in it")
-    if not os.access(path, os.R_OK):
-        raise WeightsFileError(f"cannot read {path!r}: permission denied")
-    if os.path.getsize(path) == 0:
-        raise WeightsFileError(f"{path!r} is empty (0 bytes): save the state_dict again")
+    path = check_weights_file(path)
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.flax import load_file  # the flax reader keeps bfloat16, which NumPy's drops
 
         try:
-            return load_file(path)
+            return {k: np.asarray(v) for k, v in load_file(path).items()}
         except SafetensorError as error:
             raise WeightsFileError(f"cannot read {path!r} as safetensors ({error}); it may be truncated: "
                                    "save or copy it again") from None
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise WeightsFileError(
-            f"refusing to load {path!r}: it holds Python objects other than tensors, and loading "
-            "them could run arbitrary code (torch.load with weights_only=True refused it). "
-            f"Save a plain state_dict (torch.save(model.state_dict(), path)). Details: {first_line(error)}"
-        ) from None
-    except Exception as error:  # torch.load fails on a damaged file with any of a dozen exception types
-        raise WeightsFileError(f"cannot read {path!r} as a torch checkpoint ({type(error).__name__}: "
-                               f"{first_line(error)}); it may be truncated or not a torch.save file") from None
-    if not isinstance(loaded, Mapping):
-        raise WeightsFileError(f"expected {path!r} to hold a state_dict (a dict of tensors), got {type(loaded).__name__}")
-    return dict(loaded)
-
-
-
-def check_floating(state_dict: Mapping, what: str = "the state_dict") -> None:
-    """Refuse integer, bool and complex tensors: cast into float parameters they would train as garbage."""
-    bad = [f"{k} ({_to_numpy(v).dtype})" for k, v in state_dict.items() if not _is_real_float(_to_numpy(v).dtype)]
-    if bad:
-        raise CheckpointMismatchError(f"{what} holds {len(bad)} non-float tensor(s), expected float weights:\n"
-                                      + "\n".join(f"  not float: {b}" for b in bad))
-
-
-def _is_real_float(dtype) -> bool:
-    return dtype == ml_dtypes.bfloat16 or np.issubdtype(dtype, np.floating)
+        from unet_torch.weights import load_state_dict
+    except ImportError:
+        raise WeightsFileError(f"{path!r} is a torch file, and reading it needs torch: {TORCH_EXTRA}; "
+                               "or save the weights as .safetensors") from None
+    return load_state_dict(path)
 
 
 def _strip_wrapper_prefix(state_dict: Mapping) -> dict:
@@ -215,7 +184,7 @@ def torch_to_flax(source) -> dict:
       CheckpointMismatchError: listing every missing key, unexpected key, wrong shape and
         non-float tensor.
     """
-    state_dict = load_state_dict(source) if isinstance(source, (str, os.PathLike)) else source
+    state_dict = read_weights(source) if isinstance(source, (str, os.PathLike)) else source
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"expected a state_dict or a path, got {type(state_dict).__name__}")
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
@@ -245,11 +214,16 @@ def flax_to_torch(variables) -> collections.OrderedDict:
     The result loads into ``unet_torch.Unet`` (and the tutorial's own class) with
     ``strict=True``; tensors keep the parameters' dtype.
     """
+    return collections.OrderedDict((k, _to_torch(a)) for k, a in flax_to_numpy(variables).items())
+
+
+def flax_to_numpy(variables) -> collections.OrderedDict:
+    """``flax_to_torch`` as NumPy arrays, with torch's names and layouts: what a .safetensors file holds."""
     params = variables["params"] if "params" in variables else variables
     flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     _check({"/".join(p): tuple(np.shape(a)) for p, a in flat.items()},
            {"/".join(p): s for p, s in flax_shapes().items()}, "the Flax parameters")
     state_dict = collections.OrderedDict()
     for key, path, perm in _rows():
-        state_dict[key] = _to_torch(_permute(np.asarray(flat[path]), _inverse(perm)))
+        state_dict[key] = _permute(np.asarray(flat[path]), _inverse(perm))
     return state_dict

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddpm_recipe.schedule import ddim_timesteps, linear_schedule
 from unet_jax.diffusion import ddim_sample, ddpm_sample, noise_prediction_loss, q_sample
-from unet_jax.schedule import ddim_timesteps, linear_schedule
 
 
 def test_schedule_is_ho_et_al_in_float64():

@@ -58,7 +58,7 @@ def test_fd_sanity(classifier):
     blurred = [fd(_blur(digits, k)) for k in (0, 1, 2, 3)]
     assert blurred == sorted(blurred)
 
-    # The README's "real digits score above 90 %" rests on digits the classifier never trained on.
+    # benchmarks/README.md's "real digits score above 90 %" rests on digits the classifier never trained on.
     report = evaluate.sample_report(params, reference, reference)
     assert report["frac_confident"] > 0.9 and report["class_entropy"] > 0.95 * np.log(10)
     assert report["fd"] < 1e-3 * noise  # a set against itself: zero, up to the square root's rounding

@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ddpm_recipe.run_folder import trim_metrics
 from parity import CheckpointMismatchError, WeightsFileError, flax_to_torch, torch_to_flax
 from unet_jax import checkpoints, data, devices, evaluate, export, sample
 from unet_jax import train as train_module
@@ -216,7 +217,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(run_copy, capsys):
     path = os.path.join(run_copy, "metrics.jsonl")
     with open(path, "a") as f:
         f.write('{"step": 6, "lo')  # a crash in the middle of a write
-    train_module.trim_metrics(path, 4)
+    trim_metrics(path, 4)
     assert "dropped 1 unreadable line(s)" in capsys.readouterr().out
     assert [json.loads(line)["step"] for line in open(path)] == [2, 4]
 

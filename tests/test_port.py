@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from parity import CheckpointMismatchError, flax_to_torch, load_state_dict, torch_to_flax
+from parity import CheckpointMismatchError, flax_to_torch, torch_to_flax
 from parity.port import LAYERS, torch_shapes
 from unet_jax import init_variables
 from unet_torch import Unet as TorchUnet
+from unet_torch.weights import load_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Scale-out: 8 simulated devices and two processes train like one device; a lost process stops the run.
 
 Each run is a subprocess, because the device count and jax.distributed are fixed when JAX starts.
-The multi-process commands are the README's "Scaling out" ones, with 127.0.0.1 as the host.
+The multi-process commands are those of "Scaling out" in benchmarks/README.md, with 127.0.0.1 as the host.
 """
 
 import json
@@ -17,7 +17,7 @@ import pytest
 
 from unet_jax import checkpoints
 from unet_jax.model import init_variables
-from unet_jax.train import run_keys
+from unet_jax.step import run_keys
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,8 @@ import optax
 import pytest
 import torch
 
-from unet_jax.train import Config, learning_rate
+from unet_jax.step import learning_rate
+from unet_jax.train import Config
 from unet_torch import Unet
 from unet_torch.train import learning_rate_factor, main
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from unet_jax import autotune, checkpoints, data
+from unet_jax import step as step_module
 from unet_jax import train as train_module
 from unet_jax.layers import ConvPlan
 from unet_jax.train import Config, main, train
@@ -202,8 +203,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 
 def test_ema_warms_up():
-    assert float(train_module.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
-    assert float(train_module.ema_decay_at(10_000, 0.999)) == pytest.approx(0.999)
+    assert float(step_module.ema_decay_at(0, 0.999)) == pytest.approx(0.1)
+    assert float(step_module.ema_decay_at(10_000, 0.999)) == pytest.approx(0.999)
 
 
 def test_config_identity_names_real_fields():
@@ -215,7 +216,7 @@ def test_pmean_flat_equals_lax_pmean_on_two_devices_bit_for_bit():
     code = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
-from unet_jax.train import pmean_flat
+from unet_jax.step import pmean_flat
 mesh = jax.sharding.Mesh(jax.devices(), ("data",))
 keys = jax.random.split(jax.random.key(0), 4)
 tree = {"a": jax.random.normal(keys[0], (2, 3, 5)), "b": [jax.random.normal(keys[1], (2,)),

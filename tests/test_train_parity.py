@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_recipe.schedule import linear_schedule
 from parity import flax_to_torch, torch_to_flax
 from parity.compare import build_torch_model
 from unet_jax import data
+from unet_jax import step as jax_step
 from unet_jax import train as jax_train
 from unet_jax.model import Unet
-from unet_jax.schedule import linear_schedule
 from unet_torch import train as torch_train
 
 STEPS, BATCH, LR, WARMUP = 20, 4, 1e-3, 5
@@ -51,13 +52,13 @@ def test_twenty_adam_steps_agree(dtype):
         optimizer, scheduler = torch_train.make_optimizer(model, LR, WARMUP, decay_steps=0)
 
         config = jax_train.Config(lr=LR, warmup_steps=WARMUP)
-        tx = jax_train.make_optimizer(config)
+        tx = jax_step.make_optimizer(config)
         state = jax_train.create_state(torch_to_flax(model.state_dict())["params"], tx)
-        update = jax.jit(lambda s, x, t, n: jax_train.apply_update(s, x, t, n, model=Unet(), tx=tx, schedule=schedule,
+        update = jax.jit(lambda s, x, t, n: jax_step.apply_update(s, x, t, n, model=Unet(), tx=tx, schedule=schedule,
                                                                     ema_decay=0.999))
         torch_losses, jax_losses = [], []
         for step, (x0, t, noise) in enumerate(_batches(dtype)):
-            loss = torch_train.train_step(model, ema, optimizer, scheduler, schedule,
+            loss = torch_train.apply_update(model, ema, optimizer, scheduler, schedule,
                                           torch.from_numpy(x0.transpose(0, 3, 1, 2)), torch.from_numpy(t),
                                           torch.from_numpy(noise.transpose(0, 3, 1, 2)), step, 0.999)
             torch_losses.append(loss.item())

@@ -84,7 +84,7 @@ def _inputs(key: str, batch: int, mode: str, mesh) -> tuple:
 def _compile(lowering: str, args: tuple, mode: str, mesh):
     """One layer's program as the trainer and the sampler run it: forward alone under XLA's
     partitioner (sample), or forward and both gradients on each device's slice of the batch,
-    the kernel's gradient summed over devices (train, as ``train.apply_update``)."""
+    the kernel's gradient summed over devices (train, as ``step.apply_update``)."""
     fn = CONV_LOWERINGS[lowering]
     if mode == "sample":
         return jax.jit(fn).lower(*args).compile()

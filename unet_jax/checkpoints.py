@@ -14,12 +14,11 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from unet_jax.errors import first_line
+from ddpm_recipe.errors import first_line
+from ddpm_recipe.run_folder import CHECKPOINT_DIR, CONFIG_FILE, identity_differences
 from unet_jax.layers import ConvPlan
 
-CONFIG_FILE = "config.json"
 CONV_PLAN_FILE = "conv_plan.json"
-CHECKPOINT_DIR = "checkpoints"
 SET_ASIDE_DIR = "checkpoints.unreadable"  # outside CHECKPOINT_DIR, so Orbax never lists what is moved there
 LOCK_FILE = ".lock"
 
@@ -182,12 +181,6 @@ def has_checkpoints(workdir: str) -> bool:
         return mgr.latest_step() is not None
     finally:
         mgr.close()
-
-
-def identity_differences(saved: dict, identity: dict) -> list[str]:
-    """One line per setting in ``identity`` that the workdir's record ``saved`` holds otherwise."""
-    return [f"  {key}: the workdir has {saved.get(key)!r}, this run asks for {value!r}"
-            for key, value in identity.items() if saved.get(key) != value]
 
 
 def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -> None:

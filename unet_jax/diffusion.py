@@ -11,9 +11,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from unet_jax.schedule import N_T, Schedule, ddim_timesteps, linear_schedule
+from ddpm_recipe.schedule import (
+    DEFAULT_CLIP_X0,
+    DEFAULT_ETA,
+    DEFAULT_SAMPLE_STEPS,
+    DEFAULT_SAMPLER,
+    N_T,
+    Schedule,
+    ddim_timesteps,
+    linear_schedule,
+)
 
-__all__ = ["N_T", "Schedule", "linear_schedule", "q_sample", "draw_timesteps_and_noise",
+__all__ = ["N_T", "Schedule", "linear_schedule", "DEFAULT_SAMPLER", "DEFAULT_SAMPLE_STEPS", "DEFAULT_ETA",
+           "DEFAULT_CLIP_X0", "q_sample", "draw_timesteps_and_noise",
            "noise_prediction_loss", "ddpm_sample", "ddim_sample"]
 
 
@@ -39,15 +49,6 @@ def noise_prediction_loss(eps_fn: Callable, schedule: Schedule, x0, t_B, noise):
     x_t = q_sample(schedule, x0, t_B, noise)
     eps_hat = eps_fn(x_t, (t_B / schedule.n_T).astype(x0.dtype))
     return jnp.mean((eps_hat.astype(noise.dtype) - noise) ** 2)
-
-
-# The sampler a caller gets without asking: the trainer's grids, sample, evaluate and generate.
-# DDIM, 100 steps, eta 1 (DDPM-like noise: cleaner backgrounds than eta 0 from short runs) with
-# the predicted x0 clipped to the data range each step (see README, What the models draw).
-DEFAULT_SAMPLER = "ddim"
-DEFAULT_SAMPLE_STEPS = 100
-DEFAULT_ETA = 1.0
-DEFAULT_CLIP_X0 = True
 
 
 def _predict_x0(x_t, eps_hat, ab_t, clip: bool):

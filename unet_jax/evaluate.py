@@ -126,16 +126,16 @@ def load_or_train_classifier(source: str, cache_dir: str, *, epochs: int | None 
         with open(path, "rb") as f:
             params = serialization.from_bytes(template, f.read())
         with open(info_path) as f:
-            acc = json.load(f)["held_out_accuracy"]
-        return params, acc, held_out
+            held_out_accuracy = json.load(f)["held_out_accuracy"]
+        return params, held_out_accuracy, held_out
     params = train_classifier(train, epochs=epochs)
-    acc = accuracy(params, held_out)
+    held_out_accuracy = accuracy(params, held_out)
     os.makedirs(cache_dir, exist_ok=True)
     # Each file atomically, the weights last: weights on disk mean their record is there too.
-    _write_atomically(info_path, json.dumps({"held_out_accuracy": acc, "epochs": epochs,
+    _write_atomically(info_path, json.dumps({"held_out_accuracy": held_out_accuracy, "epochs": epochs,
                                              "train_images": len(train.labels)}).encode())
     _write_atomically(path, serialization.to_bytes(params))
-    return params, acc, held_out
+    return params, held_out_accuracy, held_out
 
 
 def _write_atomically(path: str, blob: bytes) -> None:
@@ -229,14 +229,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {error}") from None
     if args.sampler == "ddim" and args.sample_steps > n_T:
         raise SystemExit(f"error: --sample-steps {args.sample_steps} exceeds n_T {n_T}")
-    classifier, acc, held_out = load_or_train_classifier(source, args.classifier_dir)
+    classifier, held_out_accuracy, held_out = load_or_train_classifier(source, args.classifier_dir)
     samples = generate_on_local_devices(params, jax.random.key(args.seed), num=args.num, sampler=args.sampler,
                                         steps=args.sample_steps, n_T=n_T, eta=args.eta, conv=args.conv,
                                         dtype="float32" if args.torch_checkpoint else config.get("dtype", "float32"))
     reference = np.asarray(data.to_model_range(jnp.asarray(held_out.images)))
     report = sample_report(classifier, samples, reference)
     weights = "state_dict" if args.torch_checkpoint else ("raw" if args.raw else "ema")
-    report |= {"classifier_accuracy": acc, "sampler": args.sampler, "steps": args.sample_steps if args.sampler == "ddim" else n_T,
+    report |= {"classifier_accuracy": held_out_accuracy, "sampler": args.sampler, "steps": args.sample_steps if args.sampler == "ddim" else n_T,
                "eta": args.eta, "model": args.torch_checkpoint or args.workdir, "weights": weights}
     if args.torch_checkpoint:  # beside the checkpoint: a workdir's own eval.json is never overwritten
         prefix = os.path.splitext(args.torch_checkpoint)[0] + ".eval"
@@ -252,7 +252,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: cannot write the report {prefix}.json: {error.strerror or error}") from None
     print(f"wrote {prefix}.json and {prefix}_samples.png")
     print(f"model: {report['model']} ({report['weights']} weights; {args.num} samples, {args.sampler} {report['steps']} steps)")
-    print(f"classifier held-out accuracy: {acc:.4f}")
+    print(f"classifier held-out accuracy: {held_out_accuracy:.4f}")
     print(f"Frechet distance (LeNet features) to held-out digits: {report['fd']:.3f}")
     print(f"confidence: mean {report['confidence_mean']:.3f}, share > {CONFIDENT}: {report['frac_confident']:.3f}")
     print(f"classes: {report['class_hist']}  entropy {report['class_entropy']:.3f} (uniform: {np.log(10):.3f})")

@@ -9,6 +9,7 @@ starts from, so that ``python -m unet_torch.train --init-from`` can start from t
 import argparse
 import os
 
+from ddpm_recipe.weights import TorchNotInstalledError, import_torch
 from unet_jax import checkpoints
 
 
@@ -22,25 +23,27 @@ def export(workdir: str, out: str, *, raw: bool = False) -> int:
 def export_initial(seed: int, out: str) -> None:
     """Export the weights a JAX training run with ``--seed seed`` starts from."""
     from unet_jax.model import init_variables
-    from unet_jax.train import run_keys
+    from unet_jax.step import run_keys
 
     save_torch(init_variables(run_keys(seed)[0])["params"], out)
 
 
 def save_torch(params, out: str) -> None:
-    """Flax params -> a torch state_dict file (.pt/.pth, or .safetensors by the extension); makes its folder."""
-    import torch
+    """Flax params -> a torch state_dict file (.pt/.pth, or .safetensors by the extension); makes its folder.
 
-    from parity import flax_to_torch  # the torch boundary lives in parity
+    A .safetensors file needs no torch: it holds the tensors under torch's names and layouts.
+    """
+    from parity import flax_to_numpy, flax_to_torch  # the torch boundary lives in parity
 
-    state_dict = flax_to_torch({"params": params})
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".safetensors"):
-        from safetensors.torch import save_file
+        import jax.numpy as jnp
+        from safetensors.flax import save_file  # the flax writer keeps bfloat16, which NumPy's drops
 
-        save_file(dict(state_dict), out)
-    else:
-        torch.save(state_dict, out)
+        save_file({k: jnp.asarray(a) for k, a in flax_to_numpy({"params": params}).items()}, out)
+        return
+    torch = import_torch(f"writing {out} (a torch .pt file; a .safetensors one does not)")
+    torch.save(flax_to_torch({"params": params}), out)
 
 
 def main(argv=None) -> None:
@@ -53,13 +56,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.out.endswith((".pt", ".pth", ".safetensors")):
         parser.error(f"--out must end in .pt, .pth or .safetensors, got {args.out!r}")
-    if args.init_seed is not None:
-        export_initial(args.init_seed, args.out)
-        print(f"wrote the initial weights of a training run with --seed {args.init_seed} to {args.out}")
-        return
     try:
+        if args.init_seed is not None:
+            export_initial(args.init_seed, args.out)
+            print(f"wrote the initial weights of a training run with --seed {args.init_seed} to {args.out}")
+            return
         step = export(args.workdir, args.out, raw=args.raw)
-    except (FileNotFoundError, checkpoints.NoReadableCheckpointError) as error:
+    except (FileNotFoundError, checkpoints.NoReadableCheckpointError, TorchNotInstalledError) as error:
         raise SystemExit(f"error: {error}") from None
     print(f"wrote the {'raw' if args.raw else 'EMA'} weights of {args.workdir} at step {step} to {args.out}")
 

@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_recipe.settings import DTYPES
 from unet_jax.layers import Conv3x3, ConvPlan, ConvTranspose, avg_pool, max_pool
 
 Dtype = Any
 
 IMAGE_SHAPE = (28, 28, 1)
-# The compute dtypes a run may ask for (--dtype); parameters stay float32 either way.
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The compute dtypes a run may ask for (--dtype, ddpm_recipe.settings.DTYPES); parameters stay float32 either way.
+COMPUTE_DTYPES = {name: jnp.dtype(name) for name in DTYPES}
 TIME_EMBEDDING_DIM = 128
 
 

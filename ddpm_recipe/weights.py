@@ -1,0 +1,77 @@
+"""What can be wrong with a weights file or a state_dict, said the same way by every tool.
+
+The readers live with their framework (``unet_torch.weights`` for ``.pt``, ``parity.port``
+for ``.safetensors`` without torch); the errors and the checks that need neither live here.
+"""
+
+import os
+from collections.abc import Mapping
+
+import ml_dtypes
+import numpy as np
+
+# What a JAX-only install is told when it meets something only torch reads.
+TORCH_EXTRA = "pip install 'unet-jax[torch]'"
+
+
+class TorchNotInstalledError(ModuleNotFoundError):
+    """A JAX-only install was asked for torch tensors or a .pt file; the message names the extra."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what} needs torch, which is not installed: {TORCH_EXTRA}")
+
+
+def import_torch(what: str):
+    """``torch``, or TorchNotInstalledError saying that ``what`` needs it."""
+    try:
+        import torch
+    except ImportError:
+        raise TorchNotInstalledError(what) from None
+    return torch
+
+
+class CheckpointMismatchError(ValueError):
+    """A state_dict or Flax tree whose names, shapes or dtypes are not the tutorial UNet's."""
+
+    def one_line(self) -> str:
+        """The first problem and how many there are: for a CLI's single line of error."""
+        lines = str(self).splitlines()
+        return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}; first: {lines[1].strip()}"
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read as a state_dict: missing, not a file, truncated, refused."""
+
+
+def check_weights_file(path: str | os.PathLike) -> str:
+    """``path`` as a string if it names a readable, non-empty file; else WeightsFileError saying what it is."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise WeightsFileError(f"no weights file at {path!r}")
+    if not os.path.isfile(path):
+        raise WeightsFileError(f"{path!r} is a directory, not a weights file: give the .pt or .safetensors file in it")
+    if not os.access(path, os.R_OK):
+        raise WeightsFileError(f"cannot read {path!r}: permission denied")
+    if os.path.getsize(path) == 0:
+        raise WeightsFileError(f"{path!r} is empty (0 bytes): save the state_dict again")
+    return path
+
+
+def check_floating(state_dict: Mapping, what: str = "the state_dict") -> None:
+    """Refuse integer, bool and complex tensors (torch or NumPy): cast into float parameters they
+    would train as garbage."""
+    bad = [f"{k} ({_dtype_name(v)})" for k, v in state_dict.items() if not _is_real_float(v)]
+    if bad:
+        raise CheckpointMismatchError(f"{what} holds {len(bad)} non-float tensor(s), expected float weights:\n"
+                                      + "\n".join(f"  not float: {b}" for b in bad))
+
+
+def _dtype_name(value) -> str:
+    return str(getattr(value, "dtype", np.asarray(value).dtype)).removeprefix("torch.")
+
+
+def _is_real_float(value) -> bool:
+    if hasattr(value, "is_floating_point"):  # a torch tensor: complex and integer types are not floating point
+        return bool(value.is_floating_point())
+    dtype = np.asarray(value).dtype
+    return dtype == ml_dtypes.bfloat16 or np.issubdtype(dtype, np.floating)

@@ -1,0 +1,41 @@
+"""Read a state_dict from a ``.pt``/``.pth`` or ``.safetensors`` file as torch tensors."""
+
+import os
+import pickle
+from collections.abc import Mapping
+
+import torch
+
+from ddpm_recipe.errors import first_line
+from ddpm_recipe.weights import WeightsFileError, check_weights_file
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``.pt``/``.pth`` (never executing pickled code) or ``.safetensors``.
+
+    Raises WeightsFileError, naming the file, for anything that is not a readable state_dict.
+    """
+    path = check_weights_file(path)
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except SafetensorError as error:
+            raise WeightsFileError(f"cannot read {path!r} as safetensors ({error}); it may be truncated: "
+                                   "save or copy it again") from None
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise WeightsFileError(
+            f"refusing to load {path!r}: it holds Python objects other than tensors, and loading "
+            "them could run arbitrary code (torch.load with weights_only=True refused it). "
+            f"Save a plain state_dict (torch.save(model.state_dict(), path)). Details: {first_line(error)}"
+        ) from None
+    except Exception as error:  # torch.load fails on a damaged file with any of a dozen exception types
+        raise WeightsFileError(f"cannot read {path!r} as a torch checkpoint ({type(error).__name__}: "
+                               f"{first_line(error)}); it may be truncated or not a torch.save file") from None
+    if not isinstance(loaded, Mapping):
+        raise WeightsFileError(f"expected {path!r} to hold a state_dict (a dict of tensors), got {type(loaded).__name__}")
+    return dict(loaded)
