@@ -397,6 +397,16 @@ def test_download_without_network_says_where_to_put_the_files(monkeypatch, tmp_p
     assert "train-images-idx3-ubyte.gz" in message
 
 
+def test_download_without_torchvision_names_the_extra(monkeypatch, tmp_path):
+    # As a JAX-only install: `import torchvision` raises ImportError.
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    message = one_line_exit(main, "--workdir", str(tmp_path / "w"), "--data", str(tmp_path / "mnist"), "--download",
+                            *TINY_FLAGS)
+    assert "fetches MNIST with torchvision, which is not installed" in message
+    assert "pip install 'unet-jax[torch]'" in message and not os.path.exists(tmp_path / "w")
+
+
 def test_a_lost_config_json_says_how_to_recover_and_adopt_does(run_copy):
     os.remove(os.path.join(run_copy, "config.json"))
     flags = ["--workdir", run_copy, "--steps", "4", "--ckpt-every", "2", *TINY_FLAGS]
