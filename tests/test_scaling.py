@@ -138,30 +138,38 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(tmp_path):
     assert "use a multiple of 4, such as 4 or 8" in err
 
 
-@pytest.mark.parametrize("killed", [0, 1], ids=["coordinator-killed", "worker-killed"])
-def test_a_killed_process_stops_the_other_and_the_run_resumes(killed, tmp_path):
-    flags = [*TINY, "--steps", "40", "--ckpt-every", "10", "--log-every", "10"]  # --steps: the last one wins
-    port = free_port()
-    procs = launch(tmp_path, flags, processes=2, port=port)
+def _kill_after_a_checkpoint(workdir, flags, killed: int, past: int):
+    """Launch the 2-process run, SIGKILL process ``killed`` once a checkpoint past step ``past`` is on
+    disk, and return (the survivor's exit code, stdout and stderr, seconds it took to stop)."""
+    procs = launch(workdir, flags, processes=2, port=free_port())
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while not checkpoints.has_checkpoints(str(tmp_path)):
+        while max(checkpoints.committed_steps(str(workdir)), default=0) <= past:
             assert all(p.poll() is None for p in procs), finish(procs, timeout=5)
-            assert time.monotonic() < deadline, "no checkpoint was written"
-            time.sleep(0.5)
+            assert time.monotonic() < deadline, f"no checkpoint past step {past} was written"
+            time.sleep(0.1)
         procs[killed].kill()
         killed_at = time.monotonic()
-        (rc, _, err), = finish([procs[1 - killed]], timeout=90)
-        waited = time.monotonic() - killed_at
+        (rc, out, err), = finish([procs[1 - killed]], timeout=90)
+        return rc, out, err, time.monotonic() - killed_at
     finally:
         finish(procs, timeout=1)
-    assert rc == 1, err[-3000:]
-    assert f"error: process {1 - killed} of 2 stopped at step" in err
-    assert "run the same command on every process again to resume" in err
-    assert waited < 60, f"the surviving process took {waited:.0f} s to stop"
 
-    saved_step = checkpoints.restore_latest_params(str(tmp_path))[1]["step"]
-    assert saved_step >= 10
+
+def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path):
+    """The coordinator is killed, the run resumed; then the worker is killed, the run resumed to its end."""
+    flags = [*TINY, "--steps", "40", "--ckpt-every", "10", "--log-every", "10"]  # --steps: the last one wins
+    saved_step = 0
+    for killed in (0, 1):
+        rc, out, err, waited = _kill_after_a_checkpoint(tmp_path, flags, killed, past=saved_step)
+        assert rc == 1, err[-3000:]
+        assert f"error: process {1 - killed} of 2 stopped at step" in err
+        assert "run the same command on every process again to resume" in err
+        assert waited < 60, f"the surviving process took {waited:.0f} s to stop"
+        if killed == 1:  # the survivor is process 0, which had resumed the first killed run
+            assert f"resumed {tmp_path} from step {saved_step}" in out
+        resumed_from, saved_step = saved_step, checkpoints.restore_latest_params(str(tmp_path))[1]["step"]
+        assert resumed_from < saved_step < 40
     resumed = run_ok(tmp_path, flags, processes=2)
     assert all(f"from step {saved_step}" in out for _, out, _ in resumed)
     assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])["step"] == 40
