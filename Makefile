@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(PY) -m unet_jax.train
 
+# Two workers, each taking whole test modules (their fixtures are module-scoped): much of the
+# suite is compiling and starting processes, which keeps one core busy rather than two.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 
 parity: $(STAMP)
 	$(PY) -m parity --dtype float64

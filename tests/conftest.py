@@ -22,6 +22,13 @@ SEED_TUTORIAL = pathlib.Path(os.environ.get(
     pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "seeds" / "000_ea2f922525bcfbec.txt"))
 
 
+def pytest_collection_modifyitems(items):
+    """Modules with slow tests first: `make test` hands whole modules to its workers in this order,
+    and the longest going first keeps one worker from being left alone with one at the end."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable: within a module, file order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def autotune_cache(tmp_path_factory):
     """The conv autotuner's cache in a folder of the test session's own (subprocesses inherit it), never ~/.cache."""
