@@ -148,45 +148,17 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     if len(images.images) < config.batch_size:
         raise SystemExit(f"error: --batch-size {config.batch_size} exceeds the {len(images.images)} training images")
     mesh = devices.training_mesh(config.batch_size)
-    identity = {k: getattr(config, k) for k in IDENTITY} | {"data_fingerprint": data.fingerprint(images)}
     mgr = checkpoints.manager(config.workdir)
     try:
-        if not (adopt and checkpoints.read_config(config.workdir) is None):
-            checkpoints.check_compatible(config.workdir, identity, mgr)
-    except checkpoints.IncompatibleWorkdirError:
+        recorded_program, program = _claim_workdir(config, adopt, images, mesh, mgr)
+        model = Unet(conv=_conv_plan(config, mesh), dtype=COMPUTE_DTYPES[config.dtype])
+        tx = make_optimizer(config)
+        # On resume the checkpoint holds everything; the initial weights only give the tree's shape.
+        params = initial if initial is not None else init_variables(init_key)["params"]
+        state = _restore(config, mgr, create_state(params, tx), mesh, recorded_program, program)
+    except (checkpoints.IncompatibleWorkdirError, checkpoints.NoReadableCheckpointError):
         mgr.close()
         raise
-    program = {k: getattr(config, k) for k in PROGRAM} | {"devices": int(mesh.devices.size), "jax": jax.__version__}
-    recorded_program = (checkpoints.read_config(config.workdir) or {}).get("program")
-    if primary:
-        checkpoints.write_config(config.workdir, identity | {"program": program})
-
-    model = Unet(conv=_conv_plan(config, mesh), dtype=COMPUTE_DTYPES[config.dtype])
-    schedule = linear_schedule(config.n_T)
-    tx = make_optimizer(config)
-    # On resume the checkpoint holds everything; the initial weights only give the tree's shape.
-    params = initial if initial is not None else init_variables(init_key)["params"]
-    # Parameters and optimizer state are replicated over the mesh; a checkpoint restores into
-    # that layout whatever device count wrote it.
-    state = jax.device_put(create_state(params, tx), devices.replicated(mesh))
-    log = print if primary else (lambda *_: None)
-    try:
-        latest, restored = checkpoints.restore_newest_readable(
-            mgr, lambda _: ocp.args.StandardRestore(state), set_aside=True, log=log)
-    except checkpoints.NoReadableCheckpointError:
-        mgr.close()
-        raise
-    if latest is not None:
-        state = restored
-        print(f"resumed {config.workdir} from step {latest}")
-        changed = program_changes(recorded_program, program, latest, config.steps)
-        if changed and primary:
-            print(f"note: {', '.join(changed)}: the steps run in other device programs than before, so from here the "
-                  "numbers differ from an uninterrupted run's by float32 rounding (resume with the run's own settings "
-                  "to keep it bit-identical)")
-    metrics_path = os.path.join(config.workdir, METRICS_FILE)
-    if primary:
-        trim_metrics(metrics_path, latest or 0)  # rows past the checkpoint belong to steps about to be redone
     start = int(devices.fetch(state.step))
     if start >= config.steps:
         print(f"{config.workdir} is already at step {start} (--steps {config.steps}); nothing to do")
@@ -198,7 +170,7 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
               f"process(es), batch {config.batch_size} split over them")
     # Every process holds the uint8 training set; each device gathers only its rows of a batch.
     images_u8 = jax.device_put(images.images, devices.replicated(mesh))
-    step_kwargs = dict(model=model, tx=tx, schedule=schedule, batch_size=config.batch_size,
+    step_kwargs = dict(model=model, tx=tx, schedule=linear_schedule(config.n_T), batch_size=config.batch_size,
                        ema_decay=config.ema_decay, sharding=devices.batch_sharding(mesh))
     # programs[k] runs k steps per dispatch. K-step chunks never cross a log, checkpoint or
     # sample boundary; where one would, single steps fill in. Each compiles when first used.
@@ -223,7 +195,7 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
         print(f"compiled the train step ({first} per dispatch) in {time.perf_counter() - t0:.1f} s", flush=True)
 
     saves = _Saves(mgr, config.workdir, primary)
-    metrics = _MetricsLog(metrics_path if primary else None, config.batch_size,
+    metrics = _MetricsLog(os.path.join(config.workdir, METRICS_FILE) if primary else None, config.batch_size,
                           tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout,
                                disable=not primary), saves)
     step = start
@@ -257,6 +229,42 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     finally:
         metrics.close()
         saves.close()
+    return state
+
+
+def _claim_workdir(config: Config, adopt: bool, images, mesh, mgr) -> tuple[dict | None, dict]:
+    """Refuse a workdir whose run had other settings, and record this run's.
+
+    Returns the programs recorded by the run before (None for a new run) and this run's: what
+    decides its rounding (dispatch sizes, device count, JAX version), compared on resume.
+    """
+    identity = {k: getattr(config, k) for k in IDENTITY} | {"data_fingerprint": data.fingerprint(images)}
+    if not (adopt and checkpoints.read_config(config.workdir) is None):
+        checkpoints.check_compatible(config.workdir, identity, mgr)
+    program = {k: getattr(config, k) for k in PROGRAM} | {"devices": int(mesh.devices.size), "jax": jax.__version__}
+    recorded_program = (checkpoints.read_config(config.workdir) or {}).get("program")
+    if devices.is_primary():
+        checkpoints.write_config(config.workdir, identity | {"program": program})
+    return recorded_program, program
+
+
+def _restore(config: Config, mgr, state: TrainState, mesh, recorded_program, program) -> TrainState:
+    """The newest readable checkpoint, else ``state``, replicated over the mesh; ``metrics.jsonl``
+    trimmed to match. A checkpoint restores into that layout whatever device count wrote it."""
+    primary = devices.is_primary()
+    state = jax.device_put(state, devices.replicated(mesh))
+    latest, restored = checkpoints.restore_newest_readable(
+        mgr, lambda _: ocp.args.StandardRestore(state), set_aside=True, log=print if primary else (lambda *_: None))
+    if latest is not None:
+        state = restored
+        print(f"resumed {config.workdir} from step {latest}")
+        changed = program_changes(recorded_program, program, latest, config.steps)
+        if changed and primary:
+            print(f"note: {', '.join(changed)}: the steps run in other device programs than before, so from here the "
+                  "numbers differ from an uninterrupted run's by float32 rounding (resume with the run's own settings "
+                  "to keep it bit-identical)")
+    if primary:
+        trim_metrics(os.path.join(config.workdir, METRICS_FILE), latest or 0)  # rows past it are about to be redone
     return state
 
 
