@@ -16,9 +16,10 @@ train: $(STAMP)
 	$(PY) -m unet_jax.train
 
 # Two workers, each taking whole test modules (their fixtures are module-scoped): much of the
-# suite is compiling and starting processes, which keeps one core busy rather than two.
+# suite is compiling and starting processes, which keeps one core busy rather than two. In the
+# order of collection, which tests/conftest.py sets: the modules with slow tests first.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadscope
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 parity: $(STAMP)
 	$(PY) -m parity --dtype float64

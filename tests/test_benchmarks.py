@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from benchmarks.machine import machine_name
@@ -34,7 +35,8 @@ def test_bench_writes_its_json_and_table(tmp_path):
                "--conv", "winograd", "--conv-batches", "4"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "3x3 conv lowerings, train, batch 4: winograd" in done.stdout  # the cache's plan, not a measurement
+    if jax.default_backend() == "cpu":  # elsewhere auto is XLA's convolution without a cache
+        assert "3x3 conv lowerings, train, batch 4: winograd" in done.stdout  # the cache's plan, not a measurement
     (json_path,) = tmp_path.glob("*.json")
     result = json.loads(json_path.read_text())
     assert json_path.stem == machine_name(result["machine"])
