@@ -20,10 +20,11 @@ def _warm_autotune_cache(folder, train: str, sample: str) -> dict:
     entries = {autotune.machine_key(batch, mode, count): {"plan": ConvPlan(plan).to_json(), "ms": {}, "measured": "-"}
                for mode, plan in (("train", train), ("sample", sample))
                for count in range(1, devices.usable_cores() + 1) for batch in (1, 2, 4)}
-    os.makedirs(folder)
-    with open(os.path.join(folder, "conv_autotune.json"), "w") as f:
-        json.dump({"version": autotune.CACHE_VERSION, "entries": entries}, f)
-    return dict(os.environ, UNET_JAX_CACHE_DIR=str(folder))
+    env = dict(os.environ, UNET_JAX_CACHE_DIR=str(folder))
+    with pytest.MonkeyPatch.context() as patch:  # the cache's own writer, so its format is written in one place
+        patch.setenv("UNET_JAX_CACHE_DIR", str(folder))
+        autotune._write_cache(autotune.cache_path(), entries)
+    return env
 
 
 @pytest.mark.slow
