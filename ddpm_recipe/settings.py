@@ -1,6 +1,6 @@
 """A training run's settings and the flags both trainers share: ``Config`` and ``build_parser``.
 
-The JAX trainer (``unet_jax.train``) adds its own flags (device programs, the 3x3 conv
+The JAX trainer (``unet_jax.flags``) adds its own flags (device programs, the 3x3 conv
 lowering, multi-process runs) to this parser; the torch trainer uses it as it is, so one
 flag means one thing in both.
 """
@@ -40,7 +40,7 @@ class Config:
     num_samples: int = 64
     log_every: int = 50
     # The JAX trainer's alone; the torch trainer runs one Python step at a time.
-    steps_per_dispatch: int = 5  # K steps in one device program (unet_jax.train.train_steps)
+    steps_per_dispatch: int = 5  # K steps in one device program (unet_jax.step.train_steps)
     conv: str = "auto"  # 3x3 conv lowering; auto: measured on this machine (unet_jax.autotune)
 
     def __post_init__(self):

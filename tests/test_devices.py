@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from unet_jax import devices
-from unet_jax.train import build_parser, parse_config
+from unet_jax.flags import build_parser, parse_config
 
 
 def test_use_all_cpu_cores_respects_a_user_count(monkeypatch):

@@ -26,6 +26,7 @@ from ddpm_recipe.run_folder import trim_metrics
 from parity import CheckpointMismatchError, WeightsFileError, flax_to_torch, torch_to_flax
 from unet_jax import checkpoints, data, devices, evaluate, export, sample
 from unet_jax import train as train_module
+from unet_jax.flags import build_parser, parse_config
 from unet_jax.model import Unet, init_variables
 from unet_jax.train import Config, main, train
 
@@ -100,7 +101,7 @@ def one_line_exit(run, *args) -> str:
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_numbers_are_refused_by_the_flags(flag, value, capsys):
     with pytest.raises(SystemExit) as info:
-        train_module.parse_config(train_module.build_parser(), [flag, value])
+        parse_config(build_parser(), [flag, value])
     assert info.value.code == 2 and "finite" in capsys.readouterr().err
 
 
@@ -441,7 +442,7 @@ def test_committed_steps_are_only_finished_checkpoints(tmp_path):
 def test_only_process_0_downloads(monkeypatch):
     calls = []
     monkeypatch.setattr(data, "download", lambda root: calls.append(root))
-    train_module.parse_config(train_module.build_parser(), ["--data", "/r", "--download", "--distributed"])
+    parse_config(build_parser(), ["--data", "/r", "--download", "--distributed"])
     assert calls == [], "parsing downloads nothing: the process id is not known before jax.distributed starts"
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     train_module.download_once("/r")

@@ -84,7 +84,7 @@ def test_dispatches_stop_at_every_log_checkpoint_and_sample():
     config = Config(steps=23, log_every=10, ckpt_every=15, sample_every=0, steps_per_dispatch=5)
     sizes, step = [], 0
     while step < config.steps:
-        sizes.append(train_module._steps_in_dispatch(config, step))
+        sizes.append(step_module.steps_in_dispatch(config, step))
         step += sizes[-1]
     # 0-10 in fives, 10-15 (checkpoint), 15-20 (log), then single steps to the end at 23.
     assert sizes == [5, 5, 5, 5, 1, 1, 1]
@@ -147,7 +147,7 @@ def test_a_resume_says_when_its_programs_differ_from_the_runs():
         return {"log_every": 50, "ckpt_every": 500, "sample_every": 1000, "steps_per_dispatch": 5, "devices": 2,
                 "jax": "0.10.2"} | changes
 
-    changes = train_module.program_changes
+    changes = step_module.program_changes
     assert changes(program(), program(), 500, 4000) == []
     assert changes(program(), program(log_every=100), 500, 4000) == []  # still 5 steps in every dispatch
     assert changes(program(log_every=2), program(log_every=1), 0, 10) == []  # single steps either way

@@ -35,6 +35,10 @@ class NoReadableCheckpointError(RuntimeError):
     """The workdir has checkpoints, and none of them restores."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the run stops rather than train on without one."""
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
@@ -225,3 +229,55 @@ def restore_latest_params(workdir: str) -> tuple[dict, dict]:
     finally:
         mgr.close()
     return config, {"step": step, "params": restored["params"], "ema_params": restored["ema_params"]}
+
+
+class ConfirmedSaves:
+    """The run's asynchronous checkpoint saves, each confirmed on disk before the next.
+
+    Orbax logs a failed background write and carries on, which would leave the run without
+    checkpoints; so each save is waited for and looked for on disk before the next one starts.
+    """
+
+    def __init__(self, mgr: ocp.CheckpointManager, workdir: str, primary: bool):
+        self.mgr, self.workdir, self.primary = mgr, workdir, primary
+        self.in_flight = None  # the step of the save not yet confirmed on disk
+        self.failed = False
+
+    def last_committed(self) -> str:
+        steps = committed_steps(self.workdir)
+        return f"step {steps[-1]}" if steps else "none (no checkpoint was completed)"
+
+    def save(self, step: int, state) -> None:
+        self.confirm()
+        try:
+            self.mgr.save(step, args=ocp.args.StandardSave(state))
+        except Exception as error:
+            raise self._failed(step, first_line(error)) from error
+        self.in_flight = step
+
+    def wait(self) -> None:
+        """Let the save in flight finish (or fail) without checking it, before the run stops for another reason."""
+        self.mgr.wait_until_finished()
+
+    def confirm(self) -> None:
+        """Wait for the save in flight and check that it reached the disk."""
+        if self.in_flight is None:
+            return
+        step, self.in_flight = self.in_flight, None
+        try:
+            self.mgr.wait_until_finished()
+        except Exception as error:  # Orbax reports a failed write from any layer (OS, TensorStore, its own)
+            raise self._failed(step, first_line(error)) from error
+        # Process 0 commits a checkpoint (renames its folder) once every process has written its share.
+        if self.primary and step not in committed_steps(self.workdir):
+            raise self._failed(step, "it never reached the disk; see Orbax's log above")
+
+    def _failed(self, step: int, reason: str) -> CheckpointSaveError:
+        self.failed = True
+        return CheckpointSaveError(f"saving the checkpoint of step {step} in {self.workdir} failed ({reason}); "
+                                   f"stopping. The last complete checkpoint is {self.last_committed()}.")
+
+    def close(self) -> None:
+        if not self.failed:  # after a failed save, Orbax's wait (close waits too) only waits out its timeouts
+            self.mgr.wait_until_finished()
+            self.mgr.close()

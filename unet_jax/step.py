@@ -1,4 +1,5 @@
-"""The trainer's device program: one Adam and EMA update, K of them per dispatch, and the log window.
+"""The trainer's device program: one Adam and EMA update, K of them per dispatch, and the log window;
+and which steps go in each dispatch.
 
 Everything here is pure and runs under ``jax.jit``: the batch is gathered on the device
 from the uint8 training set by ``data.batch_indices`` (a function of the step), the noise
@@ -16,7 +17,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from ddpm_recipe.schedule import Schedule
-from ddpm_recipe.settings import Config
+from ddpm_recipe.settings import PROGRAM, Config
 from unet_jax import data
 from unet_jax.diffusion import draw_timesteps_and_noise, noise_prediction_loss
 from unet_jax.model import Unet
@@ -211,3 +212,40 @@ def describe_nonfinite(host_acc: dict) -> str:
     what = " and ".join(what) if len(what) < 3 else f"{what[0]}, {what[1]} and {what[2]}"
     return (f"non-finite {what} at step {int(host_acc['first_bad_step'])} "
             f"(loss {float(host_acc['bad_loss']):.3g})")
+
+
+# ------------------------------------------------------------------ which steps go in one dispatch
+
+def due(every: int, step: int, steps: int) -> bool:
+    """Whether a log, checkpoint or sample falls at ``step``: every ``every`` steps (0: never) and at the end."""
+    return (every and step % every == 0) or step == steps
+
+
+def steps_in_dispatch(config: Config, step: int) -> int:
+    """steps_per_dispatch, or 1 where that many would run past a log, checkpoint, sample or the end."""
+    boundary = config.steps
+    for every in (config.log_every, config.ckpt_every, config.sample_every):
+        if every:
+            boundary = min(boundary, (step // every + 1) * every)
+    return config.steps_per_dispatch if step + config.steps_per_dispatch <= boundary else 1
+
+
+def program_changes(recorded: dict | None, program: dict, start: int, steps: int) -> list[str]:
+    """What differs between the programs an uninterrupted run (``recorded``) would run from ``start``
+    to ``steps`` and those this one (``program``) will: the dispatch sizes, the device count, the JAX
+    version. A changed --log-every that groups the steps the same way changes nothing."""
+    if not recorded or not set(PROGRAM) <= set(recorded):
+        return []
+    changed = [f"{k} {recorded[k]} -> {program[k]}" for k in ("devices", "jax") if recorded.get(k) != program[k]]
+
+    def dispatches(settings):
+        config = Config(steps=steps, **{k: settings[k] for k in PROGRAM})
+        sizes, step = [], start
+        while step < steps:
+            sizes.append(steps_in_dispatch(config, step))
+            step += sizes[-1]
+        return sizes
+
+    if dispatches(recorded) != dispatches(program):
+        changed += [f"{k.replace('_', '-')} {recorded[k]} -> {program[k]}" for k in PROGRAM if recorded[k] != program[k]]
+    return changed

@@ -10,7 +10,6 @@ permutation per epoch keyed by the epoch) and the noise (``fold_in(key, step)``)
 is a function of its flags, and a killed run resumes to the very same parameters.
 """
 
-import argparse
 import functools
 import json
 import os
@@ -23,12 +22,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from ddpm_recipe import settings
 from ddpm_recipe.errors import first_line
 from ddpm_recipe.run_folder import METRICS_FILE, save_grid, trim_metrics
 from ddpm_recipe.schedule import linear_schedule
-from ddpm_recipe.settings import IDENTITY, PROGRAM, Config, non_negative, positive
+from ddpm_recipe.settings import IDENTITY, PROGRAM, Config
 from unet_jax import autotune, checkpoints, data, devices
+from unet_jax.flags import build_parser, parse_config
 from unet_jax.layers import ConvPlan
 from unet_jax.model import COMPUTE_DTYPES, Unet, init_variables
 from unet_jax.sample import generate
@@ -36,10 +35,13 @@ from unet_jax.step import (
     TrainState,
     create_state,
     describe_nonfinite,
+    due,
     jit_train_steps,
     make_optimizer,
     new_accumulator,
+    program_changes,
     run_keys,
+    steps_in_dispatch,
 )
 
 # ------------------------------------------------------------------------------------ the run
@@ -50,10 +52,6 @@ class WorkdirError(RuntimeError):
 
 class InitFromError(ValueError):
     """--init-from names a file that is not the tutorial Unet's float weights."""
-
-
-class CheckpointSaveError(RuntimeError):
-    """A checkpoint could not be written; the run stops rather than train on without one."""
 
 
 def _prepare_workdir(workdir: str) -> None:
@@ -188,34 +186,34 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     if misaligned and primary:
         print(f"note: {', '.join(misaligned)} not a multiple of --steps-per-dispatch {config.steps_per_dispatch}: "
               "the steps before those boundaries run one per dispatch (slower, and a second program to compile)")
-    first = _steps_in_dispatch(config, start)
+    first = steps_in_dispatch(config, start)
     t0 = time.perf_counter()
     programs[first] = programs[first].lower(state, acc, images_u8, keys).compile()
     if primary:
         print(f"compiled the train step ({first} per dispatch) in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    saves = _Saves(mgr, config.workdir, primary)
+    saves = checkpoints.ConfirmedSaves(mgr, config.workdir, primary)
     metrics = _MetricsLog(os.path.join(config.workdir, METRICS_FILE) if primary else None, config.batch_size,
                           tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout,
                                disable=not primary), saves)
     step = start
     try:
         while step < config.steps:
-            count = _steps_in_dispatch(config, step)
+            count = steps_in_dispatch(config, step)
             state, acc = programs[count](state, acc, images_u8, keys)
             if one_dispatch_in_flight:
                 jax.block_until_ready(acc)
             metrics.write_pending()  # the window before: read one dispatch late, the host never waits on it
             step += count
             metrics.advance(count)
-            if _due(config.log_every, step, config.steps):
+            if due(config.log_every, step, config.steps):
                 metrics.end_window(step, acc)
                 acc = replicate(new_accumulator(acc))  # fresh buffers: the ended window is read later
-            if _due(config.ckpt_every, step, config.steps):
+            if due(config.ckpt_every, step, config.steps):
                 metrics.write_pending()
-                saves.check_finite(devices.fetch(acc))  # never save parameters that a non-finite step produced
+                _stop_if_nonfinite(devices.fetch(acc), saves)  # never save parameters that a non-finite step produced
                 saves.save(step, state)
-            if _due(config.sample_every, step, config.steps):
+            if due(config.sample_every, step, config.steps):
                 _sample_and_plot(config, model, state, mesh, sample_key, step)
         saves.confirm()
     except (jax.errors.JaxRuntimeError, ValueError) as error:
@@ -268,63 +266,12 @@ def _restore(config: Config, mgr, state: TrainState, mesh, recorded_program, pro
     return state
 
 
-def _due(every: int, step: int, steps: int) -> bool:
-    """Whether a log, checkpoint or sample falls at ``step``: every ``every`` steps (0: never) and at the end."""
-    return (every and step % every == 0) or step == steps
-
-
-class _Saves:
-    """The run's asynchronous checkpoint saves, each confirmed on disk before the next.
-
-    Orbax logs a failed background write and carries on, which would leave the run without
-    checkpoints; so each save is waited for and looked for on disk before the next one starts.
-    """
-
-    def __init__(self, mgr: ocp.CheckpointManager, workdir: str, primary: bool):
-        self.mgr, self.workdir, self.primary = mgr, workdir, primary
-        self.in_flight = None  # the step of the save not yet confirmed on disk
-        self.failed = False
-
-    def last_committed(self) -> str:
-        steps = checkpoints.committed_steps(self.workdir)
-        return f"step {steps[-1]}" if steps else "none (no checkpoint was completed)"
-
-    def check_finite(self, host_acc: dict) -> None:
-        if host_acc["first_bad_step"] >= 0:
-            self.mgr.wait_until_finished()
-            raise FloatingPointError(f"{describe_nonfinite(host_acc)}; stopping. The last complete checkpoint in "
-                                     f"{self.workdir} is {self.last_committed()}, and it is kept.")
-
-    def save(self, step: int, state: TrainState) -> None:
-        self.confirm()
-        try:
-            self.mgr.save(step, args=ocp.args.StandardSave(state))
-        except Exception as error:
-            raise self._failed(step, first_line(error)) from error
-        self.in_flight = step
-
-    def confirm(self) -> None:
-        """Wait for the save in flight and check that it reached the disk."""
-        if self.in_flight is None:
-            return
-        step, self.in_flight = self.in_flight, None
-        try:
-            self.mgr.wait_until_finished()
-        except Exception as error:  # Orbax reports a failed write from any layer (OS, TensorStore, its own)
-            raise self._failed(step, first_line(error)) from error
-        # Process 0 commits a checkpoint (renames its folder) once every process has written its share.
-        if self.primary and step not in checkpoints.committed_steps(self.workdir):
-            raise self._failed(step, "it never reached the disk; see Orbax's log above")
-
-    def _failed(self, step: int, reason: str) -> CheckpointSaveError:
-        self.failed = True
-        return CheckpointSaveError(f"saving the checkpoint of step {step} in {self.workdir} failed ({reason}); "
-                                   f"stopping. The last complete checkpoint is {self.last_committed()}.")
-
-    def close(self) -> None:
-        if not self.failed:  # after a failed save, Orbax's wait (close waits too) only waits out its timeouts
-            self.mgr.wait_until_finished()
-            self.mgr.close()
+def _stop_if_nonfinite(host_acc: dict, saves: checkpoints.ConfirmedSaves) -> None:
+    """Stop the run at a window with a non-finite step: its parameters are never saved."""
+    if host_acc["first_bad_step"] >= 0:
+        saves.wait()
+        raise FloatingPointError(f"{describe_nonfinite(host_acc)}; stopping. The last complete checkpoint in "
+                                 f"{saves.workdir} is {saves.last_committed()}, and it is kept.")
 
 
 class _MetricsLog:
@@ -332,7 +279,7 @@ class _MetricsLog:
     dispatch is queued, so the host never waits on the step it just started; every window is checked
     for a non-finite step as it is read."""
 
-    def __init__(self, path: str | None, batch_size: int, bar, saves: _Saves):
+    def __init__(self, path: str | None, batch_size: int, bar, saves: checkpoints.ConfirmedSaves):
         self.file = open(path, "a") if path else None  # process 0 alone writes
         self.batch_size, self.bar, self.saves = batch_size, bar, saves
         self.pending = None  # (step, accumulator, seconds) of an ended window not yet read
@@ -350,7 +297,7 @@ class _MetricsLog:
             return
         (step, acc, seconds), self.pending = self.pending, None
         host = devices.fetch(acc)
-        self.saves.check_finite(host)
+        _stop_if_nonfinite(host, self.saves)
         if self.file is None:
             return
         row = {"step": step, "loss": float(host["loss_sum"] / host["count"]),
@@ -397,36 +344,6 @@ def _conv_plan(config: Config, mesh) -> ConvPlan:
     return plan
 
 
-def program_changes(recorded: dict | None, program: dict, start: int, steps: int) -> list[str]:
-    """What differs between the programs an uninterrupted run (``recorded``) would run from ``start``
-    to ``steps`` and those this one (``program``) will: the dispatch sizes, the device count, the JAX
-    version. A changed --log-every that groups the steps the same way changes nothing."""
-    if not recorded or not set(PROGRAM) <= set(recorded):
-        return []
-    changed = [f"{k} {recorded[k]} -> {program[k]}" for k in ("devices", "jax") if recorded.get(k) != program[k]]
-
-    def dispatches(settings):
-        config = Config(steps=steps, **{k: settings[k] for k in PROGRAM})
-        sizes, step = [], start
-        while step < steps:
-            sizes.append(_steps_in_dispatch(config, step))
-            step += sizes[-1]
-        return sizes
-
-    if dispatches(recorded) != dispatches(program):
-        changed += [f"{k.replace('_', '-')} {recorded[k]} -> {program[k]}" for k in PROGRAM if recorded[k] != program[k]]
-    return changed
-
-
-def _steps_in_dispatch(config: Config, step: int) -> int:
-    """steps_per_dispatch, or 1 where that many would run past a log, checkpoint, sample or the end."""
-    boundary = config.steps
-    for every in (config.log_every, config.ckpt_every, config.sample_every):
-        if every:
-            boundary = min(boundary, (step // every + 1) * every)
-    return config.steps_per_dispatch if step + config.steps_per_dispatch <= boundary else 1
-
-
 def _sample_and_plot(config: Config, model: Unet, state: TrainState, mesh, key, step: int) -> None:
     """EMA samples over the training mesh (every process takes part), written by process 0."""
     count = mesh.devices.size
@@ -441,52 +358,6 @@ def _sample_and_plot(config: Config, model: Unet, state: TrainState, mesh, key, 
 
 
 # ------------------------------------------------------------------------------------ CLI
-
-def build_parser() -> argparse.ArgumentParser:
-    """The flags both trainers share (``ddpm_recipe.settings``), and those only JAX has."""
-    d = Config()
-    p = settings.build_parser("python -m unet_jax.train", __doc__.splitlines()[0])
-    p.add_argument("--adopt", action="store_true",
-                   help="the workdir's checkpoints lost their config.json: write it from these flags and resume")
-    autotune.add_conv_flag(p, d.conv)
-    p.add_argument("--steps-per-dispatch", type=positive(int), default=d.steps_per_dispatch, metavar="K",
-                   help="K train steps in one device program (default %(default)s; compile time grows with K)")
-    g = p.add_argument_group("multi-process runs",
-                             "every process runs the same command; see benchmarks/README.md, Scaling out")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, reachable by all")
-    g.add_argument("--num-processes", type=positive(int), default=None)
-    g.add_argument("--process-id", type=non_negative, default=None)
-    g.add_argument("--distributed", action="store_true",
-                   help="detect the processes from SLURM, Open MPI or the TPU VM (jax.distributed.initialize())")
-    g.add_argument("--heartbeat-timeout", type=positive(int), default=devices.Cluster.heartbeat_timeout_s,
-                   help="seconds after which a silent process counts as dead and the run stops (default %(default)s)")
-    g.add_argument("--init-timeout", type=positive(int), default=devices.Cluster.init_timeout_s,
-                   help="seconds the processes wait for each other to start (default %(default)s)")
-    return p
-
-
-def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, devices.Cluster, dict]:
-    """Flags -> (Config, Cluster, options), with the checks argparse cannot make alone.
-
-    options: {'download': bool, 'adopt': bool}, what the flags ask for besides the run itself.
-    """
-    config, others = settings.parse_flags(parser, argv)
-    options = {"download": others.pop("download"), "adopt": others.pop("adopt", False)}
-    cluster = devices.Cluster(coordinator=others.pop("coordinator", None),
-                              num_processes=others.pop("num_processes", None),
-                              process_id=others.pop("process_id", None), detect=others.pop("distributed", False),
-                              heartbeat_timeout_s=others.pop("heartbeat_timeout", devices.Cluster.heartbeat_timeout_s),
-                              init_timeout_s=others.pop("init_timeout", devices.Cluster.init_timeout_s))
-    explicit = (cluster.coordinator, cluster.num_processes, cluster.process_id)
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            parser.error("--coordinator, --num-processes and --process-id go together: give all three")
-        if cluster.detect:
-            parser.error("--distributed detects the processes itself; drop it, or drop the explicit flags")
-        if cluster.process_id >= cluster.num_processes:
-            parser.error(f"--process-id {cluster.process_id} must be below --num-processes {cluster.num_processes}")
-    return config, cluster, options
-
 
 def download_once(root: str) -> None:
     """--download: process 0 downloads into ``root`` while the others wait for it (one shared root
@@ -504,7 +375,7 @@ def download_once(root: str) -> None:
 # A user's mistake or a fault the run cannot go on from: one line, no traceback.
 USER_ERRORS = (data.MnistError, checkpoints.IncompatibleWorkdirError, checkpoints.WorkdirBusyError,
                checkpoints.NoReadableCheckpointError, devices.BatchSplitError, devices.RollCallError,
-               FloatingPointError, WorkdirError, InitFromError, CheckpointSaveError)
+               FloatingPointError, WorkdirError, InitFromError, checkpoints.CheckpointSaveError)
 
 
 def main(argv=None) -> None:
@@ -520,7 +391,7 @@ def main(argv=None) -> None:
         # Not SystemExit: jax.distributed's shutdown would wait for the lost process, then abort.
         _exit_now(f"error: {error}")
     except USER_ERRORS as error:
-        if isinstance(error, CheckpointSaveError) or jax.process_count() > 1:
+        if isinstance(error, checkpoints.CheckpointSaveError) or jax.process_count() > 1:
             # Orbax's threads (a failed save) or jax.distributed's shutdown would hold the exit for minutes.
             _exit_now(f"error: {error}")
         raise SystemExit(f"error: {error}") from None
