@@ -6,6 +6,7 @@ The multi-process commands are those of "Scaling out" in benchmarks/README.md, w
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -119,18 +120,6 @@ def test_eight_simulated_devices_train_like_one(one_device, tmp_path):
     assert_same_training(one_device, losses_and_params(tmp_path))
 
 
-def test_two_processes_train_like_one(one_device, tmp_path):
-    (_, out0, _), (_, out1, _) = run_ok(tmp_path, processes=2)
-    assert "training on 2 cpu device(s) in 2 process(es)" in out0
-    assert "training on" not in out1, "only process 0 logs"
-    assert_same_training(one_device, losses_and_params(tmp_path))
-    assert sorted(os.listdir(tmp_path / "samples")) == ["step_10.png"]  # written once, by process 0
-
-    # The checkpoint layout does not depend on the device count: one process resumes it.
-    (_, out, _), = run_ok(tmp_path, [*TINY, "--steps", "15"])
-    assert f"resumed {tmp_path} from step 10" in out and "training on 1 cpu device(s)" in out
-
-
 def test_a_batch_that_does_not_split_over_the_devices_is_refused(tmp_path):
     (rc, out, err), = finish(launch(tmp_path, [*TINY[2:], "--batch-size", "6"], device_count=4))
     assert rc != 0
@@ -156,20 +145,64 @@ def _kill_after_a_checkpoint(workdir, flags, killed: int, past: int):
         finish(procs, timeout=1)
 
 
-def test_a_killed_process_stops_the_other_and_the_run_resumes(tmp_path):
-    """The coordinator is killed, the run resumed; then the worker is killed, the run resumed to its end."""
-    flags = [*TINY, "--steps", "40", "--ckpt-every", "10", "--log-every", "10"]  # --steps: the last one wins
-    saved_step = 0
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """One 2-process run, the checks below share it (each launch compiles in full: a second process
+    never finds the compilation cache, which JAX writes from process 0 alone). It trains to step 40,
+    checkpointing every 10; its coordinator is killed past the first checkpoint, the run resumed,
+    its worker killed past the next one, the run resumed to the end; then one process continues it.
+    Step 10's checkpoint is kept aside to compare with one device's 10 steps (TINY's run)."""
+    workdir = tmp_path_factory.mktemp("two_processes")
+    flags = [*TINY, "--steps", "40", "--ckpt-every", "10"]  # --steps: the last one wins
+    kills, saved_step = [], 0
     for killed in (0, 1):
-        rc, out, err, waited = _kill_after_a_checkpoint(tmp_path, flags, killed, past=saved_step)
-        assert rc == 1, err[-3000:]
-        assert f"error: process {1 - killed} of 2 stopped at step" in err
-        assert "run the same command on every process again to resume" in err
-        assert waited < 60, f"the surviving process took {waited:.0f} s to stop"
-        if killed == 1:  # the survivor is process 0, which had resumed the first killed run
-            assert f"resumed {tmp_path} from step {saved_step}" in out
-        resumed_from, saved_step = saved_step, checkpoints.restore_latest_params(str(tmp_path))[1]["step"]
-        assert resumed_from < saved_step < 40
-    resumed = run_ok(tmp_path, flags, processes=2)
-    assert all(f"from step {saved_step}" in out for _, out, _ in resumed)
-    assert json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])["step"] == 40
+        rc, out, err, waited = _kill_after_a_checkpoint(workdir, flags, killed, past=saved_step)
+        if killed == 0:
+            step_10 = tmp_path_factory.mktemp("step_10")
+            shutil.copytree(workdir / "checkpoints" / "10", step_10 / "checkpoints" / "10")
+            shutil.copy(workdir / "config.json", step_10)
+        resumed_from, saved_step = saved_step, checkpoints.restore_latest_params(str(workdir))[1]["step"]
+        kills.append({"killed": killed, "rc": rc, "out": out, "err": err, "waited": waited,
+                      "resumed_from": resumed_from, "saved_step": saved_step})
+    finished = run_ok(workdir, flags, processes=2)
+    (_, one_process_out, _), = run_ok(workdir, [*flags, "--steps", "45"])
+    return {"workdir": workdir, "kills": kills, "finished": finished, "one_process_out": one_process_out,
+            "step_10": step_10}
+
+
+def test_two_processes_train_like_one(one_device, two_processes):
+    losses = [json.loads(line)["loss"] for line in open(two_processes["workdir"] / "metrics.jsonl")][:2]
+    params = checkpoints.restore_latest_params(str(two_processes["step_10"]))[1]
+    assert params["step"] == 10
+    assert_same_training(one_device, (losses, params["params"]))
+
+
+def test_only_process_0_logs_and_writes_samples(two_processes):
+    (_, out0, _), (_, out1, _) = two_processes["finished"]
+    assert "training on 2 cpu device(s) in 2 process(es)" in out0
+    assert "training on" not in out1
+    assert sorted(os.listdir(two_processes["workdir"] / "samples")) == ["step_40.png", "step_45.png"]
+
+
+@pytest.mark.parametrize("killed", [0, 1], ids=["coordinator", "worker"])
+def test_a_killed_process_stops_the_other_in_one_line(two_processes, killed):
+    kill = two_processes["kills"][killed]
+    assert kill["rc"] == 1, kill["err"][-3000:]
+    assert f"error: process {1 - killed} of 2 stopped at step" in kill["err"]
+    assert "run the same command on every process again to resume" in kill["err"]
+    assert kill["waited"] < 60, f"the surviving process took {kill['waited']:.0f} s to stop"
+    assert kill["resumed_from"] < kill["saved_step"] < 40
+
+
+def test_a_run_that_lost_a_process_resumes_from_its_last_checkpoint(two_processes):
+    first, second = two_processes["kills"]
+    assert f"resumed {two_processes['workdir']} from step {first['saved_step']}" in second["out"]
+    assert all(f"from step {second['saved_step']}" in out for _, out, _ in two_processes["finished"])
+    rows = [json.loads(line) for line in open(two_processes["workdir"] / "metrics.jsonl")]
+    assert [row["step"] for row in rows] == list(range(5, 46, 5))  # every window once, none lost or repeated
+
+
+def test_one_process_resumes_a_two_process_checkpoint(two_processes):
+    # The checkpoint layout does not depend on the device count.
+    out = two_processes["one_process_out"]
+    assert f"resumed {two_processes['workdir']} from step 40" in out and "training on 1 cpu device(s)" in out

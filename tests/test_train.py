@@ -91,12 +91,14 @@ def test_dispatches_stop_at_every_log_checkpoint_and_sample():
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, warm_autotune_cache):
     # The program `make train` runs: a device per core, 5 steps per dispatch (logs and checkpoints
-    # at multiples of 5), the 3x3 conv lowerings autotuned.
+    # at multiples of 5), the 3x3 conv lowerings chosen by --conv auto, here from a warm cache
+    # that mixes lowerings as a measured plan does.
     flags = TINY_FLAGS[:-4] + ["--log-every", "10", "--steps", "40", "--ckpt-every", "5"]
     assert "--conv" not in flags and Config().steps_per_dispatch == 5
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    plan = ConvPlan("tapgrad", (("28x28 1->64", "im2col"),))
+    env = warm_autotune_cache(tmp_path / "autotune", train=plan, sample="xla") | {"PYTHONUNBUFFERED": "1"}
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     subprocess.run([sys.executable, "-m", "unet_jax.train", "--workdir", straight, *flags], check=True, env=env,
                    capture_output=True, timeout=300)
@@ -119,26 +121,30 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
                    capture_output=True, timeout=300)
     a, b = _params(straight), _params(killed)
     assert a["step"] == b["step"] == 40
+    assert checkpoints.read_conv_plan(straight) == checkpoints.read_conv_plan(killed) == plan  # auto read the cache
     for key in ("params", "ema_params"):
         for x, y in zip(jax.tree.leaves(a[key]), jax.tree.leaves(b[key])):
             np.testing.assert_array_equal(x, y)
 
 
 def test_resume_reuses_the_recorded_conv_lowerings(tmp_path, monkeypatch, capsys):
+    # tapgrad and xla: lowerings whose tiny programs the other tests here compile too (the session's
+    # compilation cache has them); any recorded plan other than what auto would measure serves.
     workdir = str(tmp_path / "run")
-    train(Config(workdir=workdir, steps=2, ckpt_every=0, **(TINY | {"conv": "im2col"})))
-    assert checkpoints.read_conv_plan(workdir) == ConvPlan("im2col")
+    train(Config(workdir=workdir, steps=2, ckpt_every=0, **(TINY | {"conv": "tapgrad"})))
+    assert checkpoints.read_conv_plan(workdir) == ConvPlan("tapgrad")
 
     def no_measuring(*args, **kwargs):
         raise AssertionError("a resumed run must not measure the lowerings again")
 
     monkeypatch.setattr(autotune, "measure", no_measuring)
     state = train(Config(workdir=workdir, steps=4, ckpt_every=0, **(TINY | {"conv": "auto"})))
-    assert int(state.step) == 4 and checkpoints.read_conv_plan(workdir) == ConvPlan("im2col")
-    assert f"3x3 conv lowerings (as recorded in {workdir}): im2col" in capsys.readouterr().out
+    assert int(state.step) == 4 and checkpoints.read_conv_plan(workdir) == ConvPlan("tapgrad")
+    assert f"3x3 conv lowerings (as recorded in {workdir}): tapgrad" in capsys.readouterr().out
     # An explicit --conv overrides the record, and becomes the record. The program settings are recorded.
-    train(Config(workdir=workdir, steps=6, ckpt_every=0, **(TINY | {"conv": "winograd", "log_every": 1})))
-    assert checkpoints.read_conv_plan(workdir) == ConvPlan("winograd")
+    train(Config(workdir=workdir, steps=6, ckpt_every=0, **(TINY | {"conv": "xla", "log_every": 1})))
+    assert "3x3 conv lowerings (--conv): xla" in capsys.readouterr().out
+    assert checkpoints.read_conv_plan(workdir) == ConvPlan("xla")
     assert json.load(open(os.path.join(workdir, "config.json")))["program"]["log_every"] == 1
 
 
