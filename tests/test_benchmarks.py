@@ -50,8 +50,8 @@ def test_bench_writes_its_json_and_table(tmp_path, warm_autotune_cache):
     assert "| train step | 4 | float32 | jax-jit |" in table and table in done.stdout
 
 
-def _run(*args):
-    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600)
+def _run(*args, env=None):
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -62,8 +62,11 @@ def test_conv_microbenchmark_prints_its_rows():
     assert "| XLA, 1 cpu device, --conv tapgrad |" in out and "| XLA, 1 cpu device, --conv winograd |" in out
 
 
-def test_profile_sums_the_step_by_kind_of_op():
-    out = _run("benchmarks.profile", "--batch", "2", "--steps-per-dispatch", "2", "--dispatches", "1", "--top", "3")
+def test_profile_sums_the_step_by_kind_of_op(tmp_path, warm_autotune_cache):
+    env = warm_autotune_cache(tmp_path / "autotune", train="tapgrad", sample="xla")  # auto's plan, not measured
+    out = _run("benchmarks.profile", "--batch", "2", "--steps-per-dispatch", "2", "--dispatches", "1", "--top", "3",
+               env=env)
+    assert "3x3 conv lowerings: tapgrad" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and line.endswith("% |")]
     shares = {row[0].lstrip("| "): float(row[2].rstrip(" %|")) for row in rows}
     # The convolutions are found (the trace format is read right).
