@@ -76,9 +76,12 @@ def run_ok(workdir, flags=TINY, **kwargs):
     return results
 
 
+def logged_losses(workdir):
+    return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
 def losses_and_params(workdir):
-    losses = [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return losses, checkpoints.restore_latest_params(str(workdir))[1]["params"]
+    return logged_losses(workdir), checkpoints.restore_latest_params(str(workdir))[1]["params"]
 
 
 def _norm(leaves):
@@ -172,7 +175,7 @@ def two_processes(tmp_path_factory):
 
 
 def test_two_processes_train_like_one(one_device, two_processes):
-    losses = [json.loads(line)["loss"] for line in open(two_processes["workdir"] / "metrics.jsonl")][:2]
+    losses = logged_losses(two_processes["workdir"])[:2]  # the windows ending at steps 5 and 10
     params = checkpoints.restore_latest_params(str(two_processes["step_10"]))[1]
     assert params["step"] == 10
     assert_same_training(one_device, (losses, params["params"]))
