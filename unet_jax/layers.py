@@ -153,31 +153,44 @@ def _input_gradient_kernel(kernel_3x3xIxO):
     return jnp.flip(kernel_3x3xIxO, (0, 1)).swapaxes(2, 3)
 
 
-def _weight_gradient(x_BxHxWxI, dy_BxHxWxO):
-    """sum over b, h, w of taps(x) (x) dy: a loop over pairs of images, one matmul each.
+def _tap_products(a_BxHxWxA, b_BxHxWxC):
+    """sum over b, h, w of taps(a) (x) b, as (3, 3, A, C): a loop over pairs of images, one matmul each.
 
-    A pair's nine taps are stacked channel-major, (9I, pixels), so that the matmul with the
-    pair's dy, (pixels, O), contracts canonical operands: the matrix libraries take no other
+    A pair's nine taps are stacked channel-major, (9A, pixels), so that the matmul with the
+    pair's b, (pixels, C), contracts canonical operands: the matrix libraries take no other
     layout, and XLA would otherwise transpose the taps, nine times the input, for each pair.
     Looping keeps a pair's taps in cache; the whole batch's taps at once would be nine fresh
     activation-sized buffers, and on XLA:CPU writing those costs more than the matmuls.
     """
-    b, h, w, in_ch = x_BxHxWxI.shape
-    out_ch = dy_BxHxWxO.shape[-1]
+    b, h, w, a_ch = a_BxHxWxA.shape
+    c_ch = b_BxHxWxC.shape[-1]
     group = 2 if b % 2 == 0 else 1
-    padded = jnp.pad(x_BxHxWxI, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    # (pairs, I, 2, H+2, W+2): one transpose of the input, not of its nine taps
-    x_GxIxNxHxW = padded.reshape(b // group, group, h + 2, w + 2, in_ch).transpose(0, 4, 1, 2, 3)
-    dy_GxNxO = dy_BxHxWxO.reshape(b // group, group * h * w, out_ch)
+    padded = jnp.pad(a_BxHxWxA, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # (pairs, A, 2, H+2, W+2): one transpose of the input, not of its nine taps
+    a_GxAxNxHxW = padded.reshape(b // group, group, h + 2, w + 2, a_ch).transpose(0, 4, 1, 2, 3)
+    b_GxNxC = b_BxHxWxC.reshape(b // group, group * h * w, c_ch)
 
-    def group_gradient(i):
-        x = lax.dynamic_index_in_dim(x_GxIxNxHxW, i, keepdims=False)
-        taps_9IxN = jnp.concatenate([x[:, :, r:r + h, c:c + w] for r in range(3) for c in range(3)], axis=0)
-        return jnp.dot(taps_9IxN.reshape(9 * in_ch, -1), lax.dynamic_index_in_dim(dy_GxNxO, i, keepdims=False))
+    def group_products(i):
+        a = lax.dynamic_index_in_dim(a_GxAxNxHxW, i, keepdims=False)
+        taps_9AxN = jnp.concatenate([a[:, :, r:r + h, c:c + w] for r in range(3) for c in range(3)], axis=0)
+        return jnp.dot(taps_9AxN.reshape(9 * a_ch, -1), lax.dynamic_index_in_dim(b_GxNxC, i, keepdims=False))
 
-    total = lax.fori_loop(0, b // group, lambda i, total: total + group_gradient(i),
-                          jnp.zeros((9 * in_ch, out_ch), dy_BxHxWxO.dtype))
-    return total.reshape(3, 3, in_ch, out_ch)
+    total = lax.fori_loop(0, b // group, lambda i, total: total + group_products(i),
+                          jnp.zeros((9 * a_ch, c_ch), b_BxHxWxC.dtype))
+    return total.reshape(3, 3, a_ch, c_ch)
+
+
+def _weight_gradient(x_BxHxWxI, dy_BxHxWxO):
+    """dkernel[r, c] = sum over b, h, w of x_padded[h + r, w + c] (x) dy[h, w], as tap matmuls.
+
+    The taps of either operand will do: substituting p = h + r - 1, the same sum is
+    x[p, q] (x) dy_padded[p + 2 - r, q + 2 - c], tap (2 - r, 2 - c) of dy. The smaller side is
+    the one copied nine times: a layer with one output channel (128 -> 1) stacks dy's nine
+    one-channel taps instead of x's nine 128-channel ones.
+    """
+    if dy_BxHxWxO.shape[-1] < x_BxHxWxI.shape[-1]:
+        return jnp.flip(_tap_products(dy_BxHxWxO, x_BxHxWxI), (0, 1)).swapaxes(2, 3)
+    return _tap_products(x_BxHxWxI, dy_BxHxWxO)
 
 
 def _with_tap_weight_gradient(forward):
