@@ -151,9 +151,8 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
         recorded_program, program = _claim_workdir(config, adopt, images, mesh, mgr)
         model = Unet(conv=_conv_plan(config, mesh), dtype=COMPUTE_DTYPES[config.dtype])
         tx = make_optimizer(config)
-        # On resume the checkpoint holds everything; the initial weights only give the tree's shape.
-        params = initial if initial is not None else init_variables(init_key)["params"]
-        state = _restore(config, mgr, create_state(params, tx), mesh, recorded_program, program)
+        state = _restore(config, mgr, functools.partial(_fresh_state, initial, init_key, tx), mesh,
+                         recorded_program, program)
     except (checkpoints.IncompatibleWorkdirError, checkpoints.NoReadableCheckpointError):
         mgr.close()
         raise
@@ -168,29 +167,15 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
               f"process(es), batch {config.batch_size} split over them")
     # Every process holds the uint8 training set; each device gathers only its rows of a batch.
     images_u8 = jax.device_put(images.images, devices.replicated(mesh))
-    step_kwargs = dict(model=model, tx=tx, schedule=linear_schedule(config.n_T), batch_size=config.batch_size,
-                       ema_decay=config.ema_decay, sharding=devices.batch_sharding(mesh))
-    # programs[k] runs k steps per dispatch. K-step chunks never cross a log, checkpoint or
-    # sample boundary; where one would, single steps fill in. Each compiles when first used.
-    programs = {k: jit_train_steps(k, **step_kwargs) for k in {1, config.steps_per_dispatch}}
     keys = (data_key, noise_key)
     replicate = functools.partial(jax.device_put, device=devices.replicated(mesh))
     acc = replicate(new_accumulator())
+    programs = _programs(config, model, tx, mesh, start, (state, acc, images_u8, keys))
     # XLA:CPU runs the per-core devices' programs on one small thread pool. With several
     # programs queued, threads blocked in one's all-reduce can starve the other device, and
     # the rendezvous times out and aborts the process (benchmarks/README.md, Speed against torch).
     # So on a multi-device CPU mesh each dispatch is waited for before the next one.
     one_dispatch_in_flight = devices.needs_one_dispatch_in_flight(mesh)
-    misaligned = [f"--{name.replace('_', '-')} {getattr(config, name)}"
-                  for name in ("log_every", "ckpt_every", "sample_every") if getattr(config, name) % config.steps_per_dispatch]
-    if misaligned and primary:
-        print(f"note: {', '.join(misaligned)} not a multiple of --steps-per-dispatch {config.steps_per_dispatch}: "
-              "the steps before those boundaries run one per dispatch (slower, and a second program to compile)")
-    first = steps_in_dispatch(config, start)
-    t0 = time.perf_counter()
-    programs[first] = programs[first].lower(state, acc, images_u8, keys).compile()
-    if primary:
-        print(f"compiled the train step ({first} per dispatch) in {time.perf_counter() - t0:.1f} s", flush=True)
 
     saves = checkpoints.ConfirmedSaves(mgr, config.workdir, primary)
     metrics = _MetricsLog(os.path.join(config.workdir, METRICS_FILE) if primary else None, config.batch_size,
@@ -219,15 +204,42 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     except (jax.errors.JaxRuntimeError, ValueError) as error:
         if jax.process_count() == 1 or not _is_lost_peer(error):
             raise
-        raise PeerLostError(
-            f"process {jax.process_index()} of {jax.process_count()} stopped at step {step}: {first_line(error)}\n"
-            "A process that dies (killed, out of memory, preempted) shows up like this in the others. "
-            f"The last complete checkpoint in {config.workdir} is {saves.last_committed()}; run the same command "
-            "on every process again to resume from it.") from error
+        raise _peer_lost(error, step, saves) from error
     finally:
         metrics.close()
         saves.close()
     return state
+
+
+def _programs(config: Config, model: Unet, tx, mesh, start: int, args: tuple) -> dict:
+    """The jitted step programs by steps per dispatch, the first one the run needs compiled now
+    (``args``: its state, accumulator, images and keys); the others compile when first used.
+
+    K-step chunks never cross a log, checkpoint or sample boundary; where one would, single
+    steps fill in, so ``programs[1]`` is there too.
+    """
+    step_kwargs = dict(model=model, tx=tx, schedule=linear_schedule(config.n_T), batch_size=config.batch_size,
+                       ema_decay=config.ema_decay, sharding=devices.batch_sharding(mesh))
+    programs = {k: jit_train_steps(k, **step_kwargs) for k in {1, config.steps_per_dispatch}}
+    misaligned = [f"--{name.replace('_', '-')} {getattr(config, name)}"
+                  for name in ("log_every", "ckpt_every", "sample_every") if getattr(config, name) % config.steps_per_dispatch]
+    if misaligned and devices.is_primary():
+        print(f"note: {', '.join(misaligned)} not a multiple of --steps-per-dispatch {config.steps_per_dispatch}: "
+              "the steps before those boundaries run one per dispatch (slower, and a second program to compile)")
+    first = steps_in_dispatch(config, start)
+    t0 = time.perf_counter()
+    programs[first] = programs[first].lower(*args).compile()
+    if devices.is_primary():
+        print(f"compiled the train step ({first} per dispatch) in {time.perf_counter() - t0:.1f} s", flush=True)
+    return programs
+
+
+def _peer_lost(error: Exception, step: int, saves: checkpoints.ConfirmedSaves) -> PeerLostError:
+    return PeerLostError(
+        f"process {jax.process_index()} of {jax.process_count()} stopped at step {step}: {first_line(error)}\n"
+        "A process that dies (killed, out of memory, preempted) shows up like this in the others. "
+        f"The last complete checkpoint in {saves.workdir} is {saves.last_committed()}; run the same command "
+        "on every process again to resume from it.")
 
 
 def _claim_workdir(config: Config, adopt: bool, images, mesh, mgr) -> tuple[dict | None, dict]:
@@ -246,15 +258,27 @@ def _claim_workdir(config: Config, adopt: bool, images, mesh, mgr) -> tuple[dict
     return recorded_program, program
 
 
-def _restore(config: Config, mgr, state: TrainState, mesh, recorded_program, program) -> TrainState:
-    """The newest readable checkpoint, else ``state``, replicated over the mesh; ``metrics.jsonl``
-    trimmed to match. A checkpoint restores into that layout whatever device count wrote it."""
+def _fresh_state(initial, init_key, tx) -> TrainState:
+    """A new run's state: the --init-from weights, else freshly initialised ones."""
+    return create_state(initial if initial is not None else init_variables(init_key)["params"], tx)
+
+
+def _restore(config: Config, mgr, fresh_state, mesh, recorded_program, program) -> TrainState:
+    """The newest readable checkpoint, else ``fresh_state()``, replicated over the mesh; ``metrics.jsonl``
+    trimmed to match. A checkpoint restores into that layout whatever device count wrote it.
+
+    A resumed run needs only the state's shapes, so its initial weights are never computed: an
+    eager initialisation is a few hundred small programs to compile on a cold compilation cache.
+    """
     primary = devices.is_primary()
-    state = jax.device_put(state, devices.replicated(mesh))
-    latest, restored = checkpoints.restore_newest_readable(
-        mgr, lambda _: ocp.args.StandardRestore(state), set_aside=True, log=print if primary else (lambda *_: None))
-    if latest is not None:
-        state = restored
+    replicated = devices.replicated(mesh)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                          jax.eval_shape(fresh_state))
+    latest, state = checkpoints.restore_newest_readable(
+        mgr, lambda _: ocp.args.StandardRestore(target), set_aside=True, log=print if primary else (lambda *_: None))
+    if latest is None:
+        state = jax.device_put(fresh_state(), replicated)
+    else:
         print(f"resumed {config.workdir} from step {latest}")
         changed = program_changes(recorded_program, program, latest, config.steps)
         if changed and primary:
