@@ -9,7 +9,7 @@ import pytest
 
 from unet_jax import autotune
 from unet_jax.layers import CONV_LOWERINGS, ConvPlan
-from unet_jax.model import init_variables
+from unet_jax.model import conv_layers, init_variables
 
 FAKE_PLAN = ConvPlan("xla", (("28x28 64->64", "im2col"),))
 
@@ -34,7 +34,7 @@ def counted_measure(monkeypatch):
 
 
 def test_conv_layers_are_the_unets_convolutions():
-    layers = autotune.conv_layers()
+    layers = conv_layers()
     assert layers["28x28 64->64"] == ["encoder/down1/model_0/block_0", "decoder/up4/model_1/block_0"]
     assert set(layers) == {"28x28 1->64", "28x28 64->64", "14x14 64->128", "7x7 128->128", "14x14 64->64",
                            "28x28 128->1"}
@@ -54,7 +54,7 @@ def test_conv_layers_are_the_unets_convolutions():
 def test_a_real_measurement_times_every_candidate_and_caches_the_fastest(cache_dir):
     plan = autotune.autotune(1, "sample", log=lambda *_: None)
     (entry,) = json.loads((cache_dir / "conv_autotune.json").read_text())["entries"].values()
-    assert set(entry["ms"]) == set(autotune.conv_layers())
+    assert set(entry["ms"]) == set(conv_layers())
     for key, row in entry["ms"].items():
         assert set(row) == set(autotune.CANDIDATES["sample"]) and all(ms > 0 for ms in row.values())
         assert plan.lowering(key) == min(row, key=row.get)

@@ -22,15 +22,13 @@ import re
 import time
 import warnings
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from unet_jax import devices
-from unet_jax.layers import CONV_LOWERINGS, Conv3x3, ConvPlan, conv_shape
-from unet_jax.model import IMAGE_SHAPE, Unet
+from unet_jax.layers import CONV_LOWERINGS, ConvPlan
+from unet_jax.model import conv_layers
 
 CHOICES = ("auto", *CONV_LOWERINGS)
 MODES = ("train", "sample")
@@ -45,23 +43,6 @@ CANDIDATES = {
 }
 # A candidate that takes this many times the fastest in the first round is not timed further.
 CUTOFF = 1.5
-
-
-def conv_layers() -> dict[str, list[str]]:
-    """The Unet's 3x3 convolutions: shape key ('28x28 64->64') -> the module paths that have it."""
-    layers: dict[str, list[str]] = {}
-
-    def record(next_fun, args, kwargs, context):
-        module = context.module
-        if isinstance(module, Conv3x3) and context.method_name == "__call__":
-            _, h, w, in_ch = args[0].shape
-            layers.setdefault(conv_shape(h, w, in_ch, module.features), []).append("/".join(module.path))
-        return next_fun(*args, **kwargs)
-
-    x = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
-    with nn.intercept_methods(record):
-        jax.eval_shape(Unet().init, jax.random.key(0), x, jnp.zeros((1,), jnp.float32))
-    return layers
 
 
 def parse_shape(key: str) -> tuple[int, int, int, int]:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_recipe.settings import DTYPES
-from unet_jax.layers import Conv3x3, ConvPlan, ConvTranspose, avg_pool, max_pool
+from unet_jax.layers import Conv3x3, ConvPlan, ConvTranspose, avg_pool, conv_shape, max_pool
 
 Dtype = Any
 
@@ -226,3 +226,20 @@ def init_variables(rng, *, batch: int = 1, **model_kwargs):
     x = jnp.zeros((batch, *IMAGE_SHAPE), jnp.float32)
     t = jnp.zeros((batch,), jnp.float32)
     return Unet(**model_kwargs).init(rng, x, t)
+
+
+def conv_layers() -> dict[str, list[str]]:
+    """The Unet's 3x3 convolutions: shape key ('28x28 64->64') -> the module paths that have it."""
+    layers: dict[str, list[str]] = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, Conv3x3) and context.method_name == "__call__":
+            _, h, w, in_ch = args[0].shape
+            layers.setdefault(conv_shape(h, w, in_ch, module.features), []).append("/".join(module.path))
+        return next_fun(*args, **kwargs)
+
+    x = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(Unet().init, jax.random.key(0), x, jnp.zeros((1,), jnp.float32))
+    return layers

@@ -20,7 +20,8 @@ from ddpm_recipe.schedule import Schedule
 from ddpm_recipe.settings import PROGRAM, Config
 from unet_jax import data
 from unet_jax.diffusion import draw_timesteps_and_noise, noise_prediction_loss
-from unet_jax.model import Unet
+from unet_jax.layers import as_plan
+from unet_jax.model import Unet, conv_layers
 
 NONFINITE_LOSS, NONFINITE_GRADIENTS, NONFINITE_PARAMETERS = 1, 2, 4
 _NONFINITE_NAMES = ((NONFINITE_LOSS, "loss"), (NONFINITE_GRADIENTS, "gradients"), (NONFINITE_PARAMETERS, "parameters"))
@@ -174,13 +175,12 @@ def train_and_accumulate(state: TrainState, acc: dict, images_u8, keys, **step_k
 
 
 def train_steps(state: TrainState, acc: dict, images_u8, keys, *, steps: int, **step_kwargs):
-    """``steps`` of ``train_and_accumulate`` in one program, unrolled.
+    """``steps`` of ``train_and_accumulate`` in one program: a loop, or unrolled where the model
+    needs it (``loops_at_full_speed``).
 
     One dispatch for several steps saves launches on GPU, and on a CPU it takes less time per
     step too: one program reuses its buffers, where each new dispatch first touches fresh
-    memory (the `1 step/dispatch` rows of ``python -m benchmarks``). Unrolled rather than a
-    loop: inside a while loop XLA:CPU runs the convolutions' weight gradients on a naive path
-    (jax-ml/jax#12868), many times slower. Compile time grows with ``steps``.
+    memory (the `1 step/dispatch` rows of ``python -m benchmarks``).
     """
     if steps == 1:
         return train_and_accumulate(state, acc, images_u8, keys, **step_kwargs)
@@ -188,8 +188,23 @@ def train_steps(state: TrainState, acc: dict, images_u8, keys, *, steps: int, **
     def body(carry, _):
         return train_and_accumulate(*carry, images_u8, keys, **step_kwargs), None
 
-    (state, acc), _ = jax.lax.scan(body, (state, acc), None, length=steps, unroll=True)
+    unroll = not loops_at_full_speed(step_kwargs["model"])
+    (state, acc), _ = jax.lax.scan(body, (state, acc), None, length=steps, unroll=unroll)
     return state, acc
+
+
+def loops_at_full_speed(model: Unet) -> bool:
+    """Whether the model's train step runs as fast inside a while loop as unrolled.
+
+    Inside a loop XLA:CPU runs the weight gradients of ``lax.conv`` on a naive path
+    (jax-ml/jax#12868), many times slower: the 3x3 lowering ``xla`` and the plain transposed
+    convolutions (``fast=False``) need the steps unrolled. Every other lowering's weight
+    gradient is matmuls, which a loop runs as fast; and a loop compiles once where unrolled
+    steps compile once each. The lowerings are recorded with a run, so a resumed run makes
+    the same choice.
+    """
+    plan = as_plan(model.conv)
+    return model.fast and all(plan.lowering(shape) != "xla" for shape in conv_layers())
 
 
 def jit_train_steps(steps: int, **step_kwargs):
