@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.jax_bench import train_program
 from unet_jax import autotune, checkpoints, data
 from unet_jax import step as step_module
 from unet_jax import train as train_module
 from unet_jax.layers import ConvPlan
+from unet_jax.model import Unet, conv_layers
 from unet_jax.train import Config, main, train
 
 # An explicit 3x3 conv lowering keeps these runs from timing the lowerings first (tests/test_autotune.py
@@ -78,6 +80,22 @@ def test_steps_per_dispatch_equals_one_step_per_dispatch(tmp_path, capsys):
     rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "chunked")}
     assert [r["step"] for r in rows["chunked"]] == [r["step"] for r in rows["one"]] == [4, 8, 10]
     np.testing.assert_allclose([r["loss"] for r in rows["chunked"]], [r["loss"] for r in rows["one"]], rtol=1e-6)
+
+
+def test_the_steps_run_as_a_loop_unless_a_layer_keeps_xlas_convolution():
+    # Inside a while loop XLA:CPU runs lax.conv's weight gradients many times slower (jax-ml/jax#12868):
+    # a plan with XLA's convolution in any layer, or the plain transposed convolutions, must stay unrolled.
+    mixed = ConvPlan("tapgrad", (("28x28 1->64", "xla"),))
+    assert step_module.loops_at_full_speed(Unet(conv="tapgrad"))
+    assert step_module.loops_at_full_speed(Unet(conv=ConvPlan("xla", tuple((k, "im2col") for k in conv_layers()))))
+    assert not step_module.loops_at_full_speed(Unet(conv="xla"))
+    assert not step_module.loops_at_full_speed(Unet(conv=mixed))
+    assert not step_module.loops_at_full_speed(Unet(conv="tapgrad", fast=False))
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    for conv, loops in (("tapgrad", True), (mixed, False)):
+        program, args = train_program(np.zeros((4, 28, 28, 1), np.uint8), 2, "float32", mesh, 3, conv)
+        (steps,) = [e for e in program.trace(*args).jaxpr.eqns if e.primitive.name == "scan"]
+        assert steps.params["length"] == 3 and steps.params["unroll"] == (1 if loops else 3), conv
 
 
 def test_dispatches_stop_at_every_log_checkpoint_and_sample():
