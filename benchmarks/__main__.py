@@ -57,8 +57,8 @@ def run(args) -> dict:
             plan = autotune.resolve("auto", batch // mesh.devices.size, "train", mesh=mesh)
             print(f"3x3 conv lowerings, train, batch {batch}: {plan.describe()}", flush=True)
             common = dict(steps_per_repeat=steps, repeats=args.repeats)
-            program = dict(common, steps_per_dispatch=STEPS_PER_DISPATCH,
-                           direct_flops=jax_bench.direct_flops(images, batch, dtype, STEPS_PER_DISPATCH))
+            one = dict(common, direct_flops=jax_bench.direct_flops(images, batch, dtype))
+            program = dict(one, steps_per_dispatch=STEPS_PER_DISPATCH)
             cases = [("jax-jit", lambda: jax_bench.train_step_case(
                 images, batch, dtype, all_devices=True, conv=plan, **program))]
             if dtype == "float32" and batch in args.conv_batches:  # each lowering alone
@@ -66,7 +66,6 @@ def run(args) -> dict:
                     images, batch, dtype, all_devices=True, conv=name, **program))
                           for name in args.conv if name != "auto"]
             if dtype == "float32":  # what the dispatch size and the per-core devices each bring
-                one = dict(common, direct_flops=jax_bench.direct_flops(images, batch, dtype, 1))
                 cases.append(("jax-jit 1 step/dispatch", lambda: jax_bench.train_step_case(
                     images, batch, dtype, all_devices=True, conv=plan, **one)))
                 if not gpu and len(jax.devices()) > 1:

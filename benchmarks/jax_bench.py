@@ -55,13 +55,13 @@ def train_program(images_u8: np.ndarray, batch: int, dtype: str, mesh, steps_per
     return program, (state, acc, images, keys)
 
 
-def direct_flops(images_u8: np.ndarray, batch: int, dtype: str, steps_per_dispatch: int) -> float | None:
+def direct_flops(images_u8: np.ndarray, batch: int, dtype: str) -> float | None:
     """XLA's FLOP count per train step with XLA's own convolutions: the work of the direct form,
-    used for every lowering so that GFLOP/s compare like with like."""
+    used for every lowering and dispatch size so that GFLOP/s compare like with like. Counted on
+    a one-step program: several steps per dispatch do that step's work as many times."""
     mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
-    program, args = train_program(images_u8, batch, dtype, mesh, steps_per_dispatch, "xla")
-    flops = _flops(program.lower(*args))  # of the whole, unpartitioned program
-    return flops / steps_per_dispatch if flops else None
+    program, args = train_program(images_u8, batch, dtype, mesh, 1, "xla")
+    return _flops(program.lower(*args))  # of the whole, unpartitioned program
 
 
 def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_devices: bool, steps_per_repeat: int,

@@ -13,16 +13,16 @@ from benchmarks.machine import machine_name
 
 @pytest.mark.slow
 def test_bench_writes_its_json_and_table(tmp_path, warm_autotune_cache):
-    # auto's plan is xla, so the row of xla alone is the same program, compiled once (and xla's
-    # programs compile fastest; every lowering is compiled and checked in tests/test_layers.py).
-    env = warm_autotune_cache(tmp_path / "autotune", train="xla", sample="xla")
+    # auto's plan is tapgrad, so the row of tapgrad alone is the same program, compiled once (and its
+    # 5 steps compile as a loop; every lowering is compiled and checked in tests/test_layers.py).
+    env = warm_autotune_cache(tmp_path / "autotune", train="tapgrad", sample="xla")
     command = [sys.executable, "-m", "benchmarks", "--batches", "4", "--repeats", "1", "--images-per-repeat", "4",
                "--ddim-images", "2", "--ddpm-images", "0", "--dtypes", "float32", "--skip-compile", "--out", str(tmp_path),
-               "--conv", "xla", "--conv-batches", "4"]
+               "--conv", "tapgrad", "--conv-batches", "4"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     if jax.default_backend() == "cpu":  # elsewhere auto is XLA's convolution without a cache
-        assert "3x3 conv lowerings, train, batch 4: xla" in done.stdout  # the cache's plan, not a measurement
+        assert "3x3 conv lowerings, train, batch 4: tapgrad" in done.stdout  # the cache's plan, not a measurement
         assert "timing the 3x3 conv lowerings" not in done.stdout
     (json_path,) = tmp_path.glob("*.json")
     result = json.loads(json_path.read_text())
@@ -30,7 +30,7 @@ def test_bench_writes_its_json_and_table(tmp_path, warm_autotune_cache):
     assert result["matmul_peak_gflops"] > 0
     rows = {(r["case"], r["impl"]): r for r in result["rows"]}
     expected = {("train step", "jax-jit"), ("train step", "jax-jit 1 step/dispatch"), ("train step", "torch eager"),
-                ("train step", "jax-jit conv=xla"),
+                ("train step", "jax-jit conv=tapgrad"),
                 ("DDIM-100 sampling", "jax-jit"), ("DDIM-100 sampling", "torch eager")}
     if len(os.sched_getaffinity(0)) > 1:  # a device per core, and the one-device row beside it
         expected.add(("train step", "jax-jit 1 step/dispatch, 1 device"))
