@@ -38,16 +38,16 @@ def autotune_cache(tmp_path_factory):
 @pytest.fixture
 def warm_autotune_cache():
     """A function that writes an autotune cache holding ``train`` and ``sample`` plans (a lowering's
-    name or a ConvPlan) for every toy batch and device count, as a second run on this machine finds
-    it, and returns the environment that points a subprocess at it. Measuring is
-    tests/test_autotune.py's; elsewhere it would only add compiles."""
+    name or a ConvPlan) for every toy batch per device (or ``batches``) and device count, as a second
+    run on this machine finds it, and returns the environment that points a subprocess at it.
+    Measuring is tests/test_autotune.py's; elsewhere it would only add compiles."""
     from unet_jax import autotune, devices
     from unet_jax.layers import as_plan
 
-    def write(folder, train, sample) -> dict:
+    def write(folder, train, sample, batches=(1, 2, 4)) -> dict:
         entries = {autotune.machine_key(batch, mode, count): {"plan": as_plan(plan).to_json(), "ms": {}, "measured": "-"}
                    for mode, plan in (("train", train), ("sample", sample))
-                   for count in range(1, devices.usable_cores() + 1) for batch in (1, 2, 4)}
+                   for count in range(1, devices.usable_cores() + 1) for batch in batches}
         with pytest.MonkeyPatch.context() as patch:  # the cache's own writer: its format is written in one place
             patch.setenv("UNET_JAX_CACHE_DIR", str(folder))
             autotune._write_cache(autotune.cache_path(), entries)

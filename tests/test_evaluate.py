@@ -77,6 +77,13 @@ def trained(tmp_path_factory):
     return path
 
 
+@pytest.fixture(autouse=True)
+def warm_plans(tmp_path, warm_autotune_cache, monkeypatch):
+    """--conv auto reads the sampler's plan from the cache, as a second evaluation on this machine does."""
+    env = warm_autotune_cache(tmp_path / "autotune", train="tapgrad", sample="xla", batches=(12,))
+    monkeypatch.setenv("UNET_JAX_CACHE_DIR", env["UNET_JAX_CACHE_DIR"])
+
+
 def _evaluate(classifier, out, *extra, name="eval", report=None):
     evaluate.main(["--workdir", out, "--classifier-dir", classifier[3], "--num", "12", "--sample-steps", "3", *extra])
     with open(report or os.path.join(out, name + ".json")) as f:

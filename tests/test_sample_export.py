@@ -20,7 +20,10 @@ def workdir(tmp_path_factory):
     return path
 
 
-def test_sample_cli_writes_png_and_npy(workdir, tmp_path):
+def test_sample_cli_writes_png_and_npy(workdir, tmp_path, warm_autotune_cache, monkeypatch):
+    # --conv auto reads its plan from the cache, as a second run on this machine does.
+    env = warm_autotune_cache(tmp_path / "autotune", train="tapgrad", sample="xla", batches=(10,))
+    monkeypatch.setenv("UNET_JAX_CACHE_DIR", env["UNET_JAX_CACHE_DIR"])
     out = str(tmp_path / "grid")
     sample.main(["--workdir", workdir, "--num", "10", "--sample-steps", "4", "--out", out])
     images = np.load(out + ".npy")
