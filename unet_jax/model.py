@@ -222,10 +222,19 @@ class Unet(nn.Module):
 
 
 def init_variables(rng, *, batch: int = 1, **model_kwargs):
-    """Fresh ``{'params': ...}`` for ``Unet(**model_kwargs)``."""
+    """Fresh ``{'params': ...}`` for ``Unet(**model_kwargs)``.
+
+    One compiled program, the same numbers as eager initialisation: run op by op, the
+    initialisers compile about 180 small programs, which took twice as long as compiling one.
+    """
+    return _init(rng, batch, Unet(**model_kwargs))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init(rng, batch: int, model: "Unet"):
     x = jnp.zeros((batch, *IMAGE_SHAPE), jnp.float32)
     t = jnp.zeros((batch,), jnp.float32)
-    return Unet(**model_kwargs).init(rng, x, t)
+    return model.init(rng, x, t)
 
 
 def conv_layers() -> dict[str, list[str]]:
