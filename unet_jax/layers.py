@@ -223,10 +223,29 @@ conv3x3_tapgrad = _with_tap_weight_gradient(conv3x3_xla)
 
 
 def conv3x3_im2col(x_BxHxWxI, kernel_3x3xIxO):
-    """The nine taps side by side on channels, then one (B*H*W, 9I) @ (9I, O) matmul."""
+    """The nine taps side by side on channels, then one (B*H*W, 9I) @ (9I, O) matmul; where the
+    output has fewer channels than the input, ``_col2im``'s products of the narrower side instead."""
     b, h, w, in_ch = x_BxHxWxI.shape
+    if kernel_3x3xIxO.shape[-1] < in_ch:
+        return _col2im(x_BxHxWxI, kernel_3x3xIxO)
     columns = jnp.concatenate(_taps(x_BxHxWxI), axis=-1).reshape(-1, 9 * in_ch)
     return jnp.dot(columns, kernel_3x3xIxO.reshape(9 * in_ch, -1)).reshape(b, h, w, -1)
+
+
+def _col2im(x_BxHxWxI, kernel_3x3xIxO):
+    """One (B*H*W, I) @ (I, 9O) matmul, then its nine (B, H, W, O) slices summed at their shifts.
+
+    Each pixel's products with the nine taps of the kernel are its contributions to the nine
+    outputs around it: y[p] = sum over (r, c) of x[p + (r - 1, c - 1)] @ kernel[r, c], which is
+    product (r, c) of the pixel at p + (r - 1, c - 1). Copying nine times the O-channel products
+    rather than the I-channel input is what makes a 128 -> 1 layer cheap.
+    """
+    b, h, w, in_ch = x_BxHxWxI.shape
+    out_ch = kernel_3x3xIxO.shape[-1]
+    kernel_Ix9O = kernel_3x3xIxO.transpose(2, 0, 1, 3).reshape(in_ch, 9 * out_ch)
+    products = jnp.dot(x_BxHxWxI.reshape(-1, in_ch), kernel_Ix9O).reshape(b, h, w, 9, out_ch)
+    padded = jnp.pad(products, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0)))
+    return sum(padded[:, r:r + h, c:c + w, 3 * r + c] for r in range(3) for c in range(3))
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray, 2016): Y = A^T [(G g G^T) * (B^T d B)] A per 4x4 input tile.
