@@ -33,7 +33,7 @@ from unet_jax.model import conv_layers
 CHOICES = ("auto", *CONV_LOWERINGS)
 MODES = ("train", "sample")
 # Raised when a lowering or the candidates change, so that no plan measured without them is reused.
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 # The lowerings worth timing. Training: `winograd`'s autodiff runs the transposes of its strided
 # tile slices, so `winograd_tapgrad` (the same forward) is never slower. Sampling runs forward
 # alone, where `tapgrad` is `xla` and `winograd_tapgrad` is `winograd`.

@@ -282,7 +282,9 @@ def conv3x3_winograd(x_BxHxWxI, kernel_3x3xIxO):
     d = [[padded[:, r:r + 2 * th:2, c:c + 2 * tw:2, :] for c in range(4)] for r in range(4)]
     rows = [_combine(_WINOGRAD_BT, [d[r][c] for r in range(4)]) for c in range(4)]  # rows[c][xi] = (B^T d)[xi, c]
     v = [_combine(_WINOGRAD_BT, [rows[c][xi] for c in range(4)]) for xi in range(4)]  # v[xi][nu] = (B^T d B)[xi, nu]
-    v_16xNxI = jnp.stack([v[xi][nu] for xi in range(4) for nu in range(4)]).reshape(16, b * th * tw, in_ch)
+    # Stacked as four stacks of four: XLA:CPU leaves a stack of sixteen computed arrays as sixteen
+    # buffers and a copy, but fuses a stack of four stacks into one loop that writes V once.
+    v_16xNxI = jnp.stack([jnp.stack(v[xi]) for xi in range(4)]).reshape(16, b * th * tw, in_ch)
     g = jnp.asarray(_WINOGRAD_G, kernel_3x3xIxO.dtype)
     u_16xIxO = jnp.einsum("ai,ijco,bj->abco", g, kernel_3x3xIxO, g).reshape(16, in_ch, out_ch)
     m = lax.dot_general(v_16xNxI, u_16xIxO, (((2,), (1,)), ((0,), (0,)))).reshape(4, 4, b, th, tw, out_ch)
