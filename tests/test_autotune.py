@@ -68,23 +68,36 @@ def test_candidates_are_lowerings_and_cover_each_mode():
     assert set(autotune.CANDIDATES["train"]) | set(autotune.CANDIDATES["sample"]) == set(CONV_LOWERINGS)
 
 
+def _sleepers(calls, **seconds):
+    def program(name, s):
+        def run():
+            calls.append(name)
+            time.sleep(s)
+            return jax.numpy.zeros(())
+        return run
+    return {name: program(name, s) for name, s in seconds.items()}
+
+
 def test_candidates_take_turns_and_a_far_slower_one_stops_after_the_first_round(monkeypatch):
     monkeypatch.setattr(autotune, "CUTOFF", 10.0)  # far from the 50x below, and from sleep's jitter
     calls = []
-
-    def program(name, seconds):
-        def run():
-            calls.append(name)
-            time.sleep(seconds)
-            return jax.numpy.zeros(())
-        return run
-
-    programs = {"quick": program("quick", 0.002), "slow": program("slow", 0.1), "close": program("close", 0.002)}
-    best = autotune._time_side_by_side(programs, (), rounds=3, min_seconds=0.0)
+    programs = _sleepers(calls, quick=0.002, slow=0.1, close=0.002)
+    # The slow one's warm-up (0.1 s) is under min_seconds, too short to skip it on.
+    best = autotune._time_side_by_side(programs, (), rounds=3, min_seconds=0.2, max_rounds=3)
     # A warm-up each, then rounds in turn; the slow one (50x) is dropped after round one.
     assert calls[:6] == ["quick", "slow", "close", "quick", "slow", "close"]
     assert calls.count("slow") == 2 and calls.count("quick") == calls.count("close") == 4
     assert best["quick"] < best["slow"] and best["close"] < best["slow"]
+
+
+def test_a_long_and_far_slower_warm_up_is_not_timed_again(monkeypatch):
+    monkeypatch.setattr(autotune, "WARM_UP_CUTOFF", 10.0)  # far from the 50x below, and from sleep's jitter
+    calls = []
+    programs = _sleepers(calls, quick=0.002, slow=0.1, close=0.002)
+    best = autotune._time_side_by_side(programs, (), rounds=3, min_seconds=0.05, max_rounds=3)
+    assert calls[:3] == ["quick", "slow", "close"] and calls.count("slow") == 1
+    assert calls.count("quick") == calls.count("close") == 4
+    assert best["slow"] >= 0.1 > best["quick"]
 
 
 def test_a_warm_cache_measures_nothing(cache_dir, counted_measure):

@@ -43,6 +43,10 @@ CANDIDATES = {
 }
 # A candidate that takes this many times the fastest in the first round is not timed further.
 CUTOFF = 1.5
+# Nor one whose warm-up call took this many times the fastest warm-up, if that call was long
+# (over ``min_seconds``): at large batches a call of the slowest lowerings takes seconds. The bar
+# is looser than CUTOFF because a first call also pays one-time costs (memory touched first).
+WARM_UP_CUTOFF = 3.0
 
 
 def parse_shape(key: str) -> tuple[int, int, int, int]:
@@ -88,12 +92,18 @@ def _time_side_by_side(programs: dict, args: tuple, *, rounds: int = 3, min_seco
     timing one after another would hand it to whichever ran then. After a warm-up call each,
     at least ``rounds`` rounds run, more (up to ``max_rounds``) while the fastest's runs add up
     to under ``min_seconds``, since the shortest layers are the noisiest. A program that takes
-    CUTOFF times the fastest in the first round is not timed further.
+    CUTOFF times the fastest in the first round is not timed further; one whose warm-up took over
+    ``min_seconds`` and WARM_UP_CUTOFF times the fastest warm-up is not timed at all, and its
+    warm-up is what is reported for it.
     """
-    for program in programs.values():
+    warm_up = {}
+    for name, program in programs.items():
+        start = time.perf_counter()
         jax.block_until_ready(program(*args))
-    best = {name: np.inf for name in programs}
-    timed, spent = list(programs), 0.0
+        warm_up[name] = time.perf_counter() - start
+    too_slow = max(WARM_UP_CUTOFF * min(warm_up.values()), min_seconds)
+    best = {name: warm_up[name] if warm_up[name] > too_slow else np.inf for name in programs}
+    timed, spent = [name for name in programs if warm_up[name] <= too_slow], 0.0
     for done in range(max_rounds):
         if done >= rounds and spent >= min_seconds:
             break
