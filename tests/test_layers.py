@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from unet_jax.layers import CONV_LOWERINGS, Conv3x3, ConvPlan, ConvTranspose, avg_pool, conv_shape, max_pool
+from unet_jax.layers import (
+    CONV_LOWERINGS,
+    Conv3x3,
+    ConvPlan,
+    ConvTranspose,
+    avg_pool,
+    conv_same_tapgrad,
+    conv_shape,
+    max_pool,
+)
 
 
 @pytest.mark.parametrize("in_ch,out_ch,k,extra,size", [(128, 128, 3, 0, 1), (256, 128, 2, 1, 3), (128, 64, 2, 0, 14)])
@@ -77,23 +86,23 @@ def test_avg_pool_matches_flax_and_torch():
 CONV_SHAPES = [(28, 1, 64), (28, 64, 64), (14, 64, 128), (7, 128, 128), (14, 64, 64), (28, 128, 1), (3, 256, 128)]
 
 
-def _torch_conv3x3(x_nhwc, kernel_hwio, dy_nhwc):
-    """torch.nn.functional.conv2d(padding=1), its input and weight gradients, back in NHWC/HWIO."""
+def _torch_conv(x_nhwc, kernel_hwio, dy_nhwc):
+    """torch.nn.functional.conv2d(padding="same"), its input and weight gradients, back in NHWC/HWIO."""
     def nchw(a, axes):
         return torch.from_numpy(np.array(np.asarray(a).transpose(axes), order="C"))  # a writable, contiguous copy
 
     x = nchw(x_nhwc, (0, 3, 1, 2)).requires_grad_()
     w = nchw(kernel_hwio, (3, 2, 0, 1)).requires_grad_()
-    y = torch.nn.functional.conv2d(x, w, padding=1)
+    y = torch.nn.functional.conv2d(x, w, padding="same")
     y.backward(nchw(dy_nhwc, (0, 3, 1, 2)))
     return (y.detach().numpy().transpose(0, 2, 3, 1), x.grad.numpy().transpose(0, 2, 3, 1),
             w.grad.numpy().transpose(2, 3, 1, 0))
 
 
-def _conv_case(size, in_ch, out_ch, dtype):
+def _conv_case(size, in_ch, out_ch, dtype, k=3):
     keys = jax.random.split(jax.random.key(size * 1000 + in_ch + out_ch), 3)
     x = jax.random.normal(keys[0], (2, size, size, in_ch), dtype)
-    kernel = jax.random.normal(keys[1], (3, 3, in_ch, out_ch), dtype) / np.sqrt(9 * in_ch)
+    kernel = jax.random.normal(keys[1], (k, k, in_ch, out_ch), dtype) / np.sqrt(k * k * in_ch)
     dy = jax.random.normal(keys[2], (2, size, size, out_ch), dtype)
     return x, kernel, dy
 
@@ -112,9 +121,20 @@ def _max_relative(found, expected):
 def test_conv_lowering_matches_torch_in_float64(lowering, size, in_ch, out_ch):
     with jax.enable_x64(True):
         x, kernel, dy = _conv_case(size, in_ch, out_ch, jnp.float64)
-        expected = _torch_conv3x3(x, kernel, dy)
+        expected = _torch_conv(x, kernel, dy)
         found = jax.jit(_forward_and_gradients, static_argnums=0)(lowering, x, kernel, dy)
         for name, f, e in zip(("y", "dx", "dkernel"), found, expected):
+            assert f.shape == e.shape, name
+            assert _max_relative(f, e) <= 1e-12, (name, _max_relative(f, e))
+
+
+# The evaluation LeNet's 5x5 convolutions, and a 1-output-channel one (dy's taps are stacked)
+@pytest.mark.parametrize("size,in_ch,out_ch", [(28, 1, 32), (14, 32, 64), (14, 32, 1)])
+def test_tap_weight_gradient_of_a_5x5_kernel_matches_torch_in_float64(size, in_ch, out_ch):
+    with jax.enable_x64(True):
+        x, kernel, dy = _conv_case(size, in_ch, out_ch, jnp.float64, k=5)
+        y, pullback = jax.vjp(conv_same_tapgrad, x, kernel)
+        for name, f, e in zip(("y", "dx", "dkernel"), (y, *pullback(dy)), _torch_conv(x, kernel, dy)):
             assert f.shape == e.shape, name
             assert _max_relative(f, e) <= 1e-12, (name, _max_relative(f, e))
 

@@ -26,19 +26,32 @@ from flax import serialization
 
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.diffusion import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
-from unet_jax.layers import max_pool
+from unet_jax.layers import conv_same_tapgrad, max_pool
 from unet_jax.sample import generate_on_local_devices, to_uint8
 
 CONFIDENT = 0.9
 
 
+def _conv_same_tapgrad(x, kernel, window_strides, padding, **_):
+    """nn.Conv's convolution (stride 1, "SAME") with its weight gradient as tap matmuls: XLA:CPU's
+    own weight-gradient convolution takes most of a training step on some CPUs (unet_jax.layers)."""
+    if tuple(window_strides) != (1, 1) or padding != "SAME":
+        raise ValueError(f"expected stride 1 and SAME padding, got {window_strides} and {padding}")
+    return conv_same_tapgrad(x, kernel)
+
+
 class LeNet(nn.Module):
-    """Conv5x5(32) -> pool -> Conv5x5(64) -> pool -> Dense(128) = features -> Dense(10)."""
+    """Conv5x5(32) -> pool -> Conv5x5(64) -> pool -> Dense(128) = features -> Dense(10).
+
+    On a CPU the convolutions' weight gradients are tap matmuls (the same numbers up to float32
+    rounding); elsewhere XLA's own convolution, as the UNet's default there.
+    """
 
     @nn.compact
     def __call__(self, x_Bx28x28x1, *, features: bool = False):
-        x = max_pool(nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x_Bx28x28x1)), 2)
-        x = max_pool(nn.relu(nn.Conv(64, (5, 5), padding="SAME")(x)), 2)
+        conv = _conv_same_tapgrad if jax.default_backend() == "cpu" else None
+        x = max_pool(nn.relu(nn.Conv(32, (5, 5), padding="SAME", conv_general_dilated=conv)(x_Bx28x28x1)), 2)
+        x = max_pool(nn.relu(nn.Conv(64, (5, 5), padding="SAME", conv_general_dilated=conv)(x)), 2)
         feats = nn.relu(nn.Dense(128)(x.reshape(x.shape[0], -1)))
         return feats if features else nn.Dense(10)(feats)
 
@@ -148,7 +161,7 @@ def _recipe_fingerprint() -> str:
     """A hash of the classifier's architecture and training code: a cached classifier is reused only
     when both are the ones that trained it."""
     shapes = jax.eval_shape(lambda: LeNet().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
-    source = "".join(inspect.getsource(f) for f in (LeNet, _classifier_step, train_classifier))
+    source = "".join(inspect.getsource(f) for f in (_conv_same_tapgrad, LeNet, _classifier_step, train_classifier))
     return hashlib.sha256((str(shapes) + source).encode()).hexdigest()[:12]
 
 

@@ -135,9 +135,12 @@ class ConvTranspose(nn.Module):
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def conv3x3_xla(x_BxHxWxI, kernel_3x3xIxO):
-    """XLA's own convolution; autodiff adds two gradient convolutions."""
-    return lax.conv_general_dilated(x_BxHxWxI, kernel_3x3xIxO, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+def conv_same_xla(x_BxHxWxI, kernel_KxKxIxO):
+    """XLA's own convolution, stride 1, of an odd K x K kernel zero-padded to keep H and W ("same"
+    padding: 1 for 3x3); autodiff adds two gradient convolutions."""
+    pad = kernel_KxKxIxO.shape[0] // 2
+    return lax.conv_general_dilated(x_BxHxWxI, kernel_KxKxIxO, (1, 1), ((pad, pad), (pad, pad)),
+                                    dimension_numbers=_NHWC)
 
 
 def _taps(x_BxHxWxI):
@@ -147,56 +150,58 @@ def _taps(x_BxHxWxI):
     return [padded[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
 
 
-def _input_gradient_kernel(kernel_3x3xIxO):
-    """The input gradient of a padding-1 3x3 convolution is the same convolution of dy with the
-    kernel flipped in space and in/out swapped, so any forward lowering can run it."""
-    return jnp.flip(kernel_3x3xIxO, (0, 1)).swapaxes(2, 3)
+def _input_gradient_kernel(kernel_KxKxIxO):
+    """The input gradient of a same-padded convolution (odd K) is the same convolution of dy with
+    the kernel flipped in space and in/out swapped, so any forward lowering can run it."""
+    return jnp.flip(kernel_KxKxIxO, (0, 1)).swapaxes(2, 3)
 
 
-def _tap_products(a_BxHxWxA, b_BxHxWxC):
-    """sum over b, h, w of taps(a) (x) b, as (3, 3, A, C): a loop over pairs of images, one matmul each.
+def _tap_products(a_BxHxWxA, b_BxHxWxC, size: int = 3):
+    """sum over b, h, w of taps(a) (x) b, as (K, K, A, C) for K = ``size``: a loop over pairs of
+    images, one matmul each.
 
-    A pair's nine taps are stacked channel-major, (9A, pixels), so that the matmul with the
-    pair's b, (pixels, C), contracts canonical operands: the matrix libraries take no other
-    layout, and XLA would otherwise transpose the taps, nine times the input, for each pair.
-    Looping keeps a pair's taps in cache; the whole batch's taps at once would be nine fresh
-    activation-sized buffers, and on XLA:CPU writing those costs more than the matmuls.
+    A pair's K*K taps (nine for 3x3) are stacked channel-major, (K*K*A, pixels), so that the
+    matmul with the pair's b, (pixels, C), contracts canonical operands: the matrix libraries
+    take no other layout, and XLA would otherwise transpose the taps, K*K times the input, for
+    each pair. Looping keeps a pair's taps in cache; the whole batch's taps at once would be
+    K*K fresh activation-sized buffers, and on XLA:CPU writing those costs more than the matmuls.
     """
     b, h, w, a_ch = a_BxHxWxA.shape
     c_ch = b_BxHxWxC.shape[-1]
-    group = 2 if b % 2 == 0 else 1
-    padded = jnp.pad(a_BxHxWxA, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    # (pairs, A, 2, H+2, W+2): one transpose of the input, not of its nine taps
-    a_GxAxNxHxW = padded.reshape(b // group, group, h + 2, w + 2, a_ch).transpose(0, 4, 1, 2, 3)
+    group, pad = (2 if b % 2 == 0 else 1), size // 2
+    padded = jnp.pad(a_BxHxWxA, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    # (pairs, A, 2, H+2*pad, W+2*pad): one transpose of the input, not of its taps
+    a_GxAxNxHxW = padded.reshape(b // group, group, h + 2 * pad, w + 2 * pad, a_ch).transpose(0, 4, 1, 2, 3)
     b_GxNxC = b_BxHxWxC.reshape(b // group, group * h * w, c_ch)
 
     def group_products(i):
         a = lax.dynamic_index_in_dim(a_GxAxNxHxW, i, keepdims=False)
-        taps_9AxN = jnp.concatenate([a[:, :, r:r + h, c:c + w] for r in range(3) for c in range(3)], axis=0)
-        return jnp.dot(taps_9AxN.reshape(9 * a_ch, -1), lax.dynamic_index_in_dim(b_GxNxC, i, keepdims=False))
+        taps = jnp.concatenate([a[:, :, r:r + h, c:c + w] for r in range(size) for c in range(size)], axis=0)
+        return jnp.dot(taps.reshape(size * size * a_ch, -1), lax.dynamic_index_in_dim(b_GxNxC, i, keepdims=False))
 
     total = lax.fori_loop(0, b // group, lambda i, total: total + group_products(i),
-                          jnp.zeros((9 * a_ch, c_ch), b_BxHxWxC.dtype))
-    return total.reshape(3, 3, a_ch, c_ch)
+                          jnp.zeros((size * size * a_ch, c_ch), b_BxHxWxC.dtype))
+    return total.reshape(size, size, a_ch, c_ch)
 
 
-def _weight_gradient(x_BxHxWxI, dy_BxHxWxO):
-    """dkernel[r, c] = sum over b, h, w of x_padded[h + r, w + c] (x) dy[h, w], as tap matmuls.
+def _weight_gradient(x_BxHxWxI, dy_BxHxWxO, size: int = 3):
+    """dkernel[r, c] = sum over b, h, w of x_padded[h + r, w + c] (x) dy[h, w], as tap matmuls
+    (a same-padded K x K kernel, K = ``size``, padding P = K // 2).
 
-    The taps of either operand will do: substituting p = h + r - 1, the same sum is
-    x[p, q] (x) dy_padded[p + 2 - r, q + 2 - c], tap (2 - r, 2 - c) of dy. The smaller side is
-    the one copied nine times: a layer with one output channel (128 -> 1) stacks dy's nine
-    one-channel taps instead of x's nine 128-channel ones.
+    The taps of either operand will do: substituting p = h + r - P, the same sum is
+    x[p, q] (x) dy_padded[p + K-1 - r, q + K-1 - c], tap (K-1 - r, K-1 - c) of dy. The smaller
+    side is the one copied K*K times: a layer with one output channel (128 -> 1) stacks dy's
+    nine one-channel taps instead of x's nine 128-channel ones.
     """
     if dy_BxHxWxO.shape[-1] < x_BxHxWxI.shape[-1]:
-        return jnp.flip(_tap_products(dy_BxHxWxO, x_BxHxWxI), (0, 1)).swapaxes(2, 3)
-    return _tap_products(x_BxHxWxI, dy_BxHxWxO)
+        return jnp.flip(_tap_products(dy_BxHxWxO, x_BxHxWxI, size), (0, 1)).swapaxes(2, 3)
+    return _tap_products(x_BxHxWxI, dy_BxHxWxO, size)
 
 
 def _with_tap_weight_gradient(forward):
-    """A 3x3 conv lowering whose forward and input gradient run ``forward`` (the input gradient as
-    the same convolution of dy with the flipped, in/out-swapped kernel) and whose weight gradient
-    is ``_weight_gradient``'s tap matmuls.
+    """A same-padded conv lowering whose forward and input gradient run ``forward`` (the input
+    gradient as the same convolution of dy with the flipped, in/out-swapped kernel) and whose
+    weight gradient is ``_weight_gradient``'s tap matmuls.
 
     JAX's weight-gradient convolution swaps batch and feature dimensions, which XLA:CPU runs as
     a convolution with an HxW "kernel", far slower than the forward on some CPUs. Per tap the
@@ -204,22 +209,24 @@ def _with_tap_weight_gradient(forward):
     """
 
     @jax.custom_vjp
-    def conv(x_BxHxWxI, kernel_3x3xIxO):
-        return forward(x_BxHxWxI, kernel_3x3xIxO)
+    def conv(x_BxHxWxI, kernel_KxKxIxO):
+        return forward(x_BxHxWxI, kernel_KxKxIxO)
 
     def conv_forward(x, kernel):
         return forward(x, kernel), (x, kernel)
 
     def conv_backward(residuals, dy_BxHxWxO):
         x, kernel = residuals
-        return forward(dy_BxHxWxO, _input_gradient_kernel(kernel)), _weight_gradient(x, dy_BxHxWxO)
+        return (forward(dy_BxHxWxO, _input_gradient_kernel(kernel)),
+                _weight_gradient(x, dy_BxHxWxO, kernel.shape[0]))
 
     conv.defvjp(conv_forward, conv_backward)
     return conv
 
 
-# XLA's convolution forward and for the input gradient; the weight gradient as tap matmuls.
-conv3x3_tapgrad = _with_tap_weight_gradient(conv3x3_xla)
+# XLA's convolution forward and for the input gradient; the weight gradient as tap matmuls. Any
+# odd kernel size (the evaluation's LeNet uses it for its 5x5 convolutions).
+conv_same_tapgrad = _with_tap_weight_gradient(conv_same_xla)
 
 
 def conv3x3_im2col(x_BxHxWxI, kernel_3x3xIxO):
@@ -301,8 +308,8 @@ conv3x3_winograd_tapgrad = _with_tap_weight_gradient(conv3x3_winograd)
 
 
 CONV_LOWERINGS = {
-    "xla": conv3x3_xla,
-    "tapgrad": conv3x3_tapgrad,
+    "xla": conv_same_xla,
+    "tapgrad": conv_same_tapgrad,
     "im2col": conv3x3_im2col,
     "winograd": conv3x3_winograd,
     "winograd_tapgrad": conv3x3_winograd_tapgrad,
