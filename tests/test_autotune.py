@@ -100,6 +100,15 @@ def test_a_long_and_far_slower_warm_up_is_not_timed_again(monkeypatch):
     assert best["slow"] >= 0.1 > best["quick"]
 
 
+def test_training_takes_xla_only_when_it_wins_by_more_than_the_margin():
+    # A near tie (3 %), as measured for the 7x7 layer: one xla layer would unroll the trainer's steps.
+    near = {"tapgrad": 10.2, "winograd_tapgrad": 11.4, "im2col": 12.0, "xla": 9.9}
+    assert autotune.choose(near, "train") == "tapgrad"
+    assert autotune.choose(near, "sample") == "xla"  # forward alone loops at full speed: the fastest
+    assert autotune.choose({"tapgrad": 12.0, "im2col": 11.5, "xla": 9.9}, "train") == "xla"  # 16 % faster
+    assert autotune.choose({"tapgrad": 5.0, "xla": 9.9}, "train") == "tapgrad"
+
+
 def test_a_warm_cache_measures_nothing(cache_dir, counted_measure):
     assert autotune.autotune(4, "train", log=lambda *_: None) == FAKE_PLAN
     assert autotune.autotune(4, "train", log=lambda *_: None) == FAKE_PLAN

@@ -33,7 +33,7 @@ from unet_jax.model import conv_layers
 CHOICES = ("auto", *CONV_LOWERINGS)
 MODES = ("train", "sample")
 # Raised when a lowering or the candidates change, so that no plan measured without them is reused.
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 # The lowerings worth timing. Training: `winograd`'s autodiff runs the transposes of its strided
 # tile slices, so `winograd_tapgrad` (the same forward) is never slower. Sampling runs forward
 # alone, where `tapgrad` is `xla` and `winograd_tapgrad` is `winograd`.
@@ -47,6 +47,9 @@ CUTOFF = 1.5
 # (over ``min_seconds``): at large batches a call of the slowest lowerings takes seconds. The bar
 # is looser than CUTOFF because a first call also pays one-time costs (memory touched first).
 WARM_UP_CUTOFF = 3.0
+# In training, `xla` wins a layer only by more than this share: one `xla` layer makes the trainer
+# unroll its steps (step.loops_at_full_speed), which compiles the program several times longer.
+XLA_MARGIN = 0.1
 
 
 def parse_shape(key: str) -> tuple[int, int, int, int]:
@@ -133,8 +136,20 @@ def measure(batch: int, mode: str, mesh, *, log=print) -> tuple[ConvPlan, dict]:
         seconds = _time_side_by_side({lowering: programs[key, lowering] for lowering in CANDIDATES[mode]}, inputs[key])
         row = table[key] = {lowering: 1e3 * s for lowering, s in seconds.items()}
         log(f"  {key:>16}: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in row.items()))
-    by_shape = tuple(sorted((key, min(row, key=row.get)) for key, row in table.items()))
+    by_shape = tuple(sorted((key, choose(row, mode)) for key, row in table.items()))
     return ConvPlan("xla", by_shape), table
+
+
+def choose(row: dict[str, float], mode: str) -> str:
+    """The fastest lowering of one layer's timings; in training, ``xla`` only if no other comes
+    within XLA_MARGIN of it (a near tie is not worth unrolling the trainer's steps for)."""
+    fastest = min(row, key=row.get)
+    others = {name: ms for name, ms in row.items() if name != "xla"}
+    if mode == "train" and fastest == "xla" and others:
+        runner_up = min(others, key=others.get)
+        if others[runner_up] <= (1 + XLA_MARGIN) * row["xla"]:
+            return runner_up
+    return fastest
 
 
 # ----------------------------------------------------------------------------------- the cache
