@@ -105,8 +105,8 @@ def _time_side_by_side(programs: dict, args: tuple, *, rounds: int = 3, min_seco
         jax.block_until_ready(program(*args))
         warm_up[name] = time.perf_counter() - start
     too_slow = max(WARM_UP_CUTOFF * min(warm_up.values()), min_seconds)
-    best = {name: warm_up[name] if warm_up[name] > too_slow else np.inf for name in programs}
     timed, spent = [name for name in programs if warm_up[name] <= too_slow], 0.0
+    best = {name: np.inf if name in timed else warm_up[name] for name in programs}
     for done in range(max_rounds):
         if done >= rounds and spent >= min_seconds:
             break

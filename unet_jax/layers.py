@@ -156,7 +156,7 @@ def _input_gradient_kernel(kernel_KxKxIxO):
     return jnp.flip(kernel_KxKxIxO, (0, 1)).swapaxes(2, 3)
 
 
-def _tap_products(a_BxHxWxA, b_BxHxWxC, size: int = 3):
+def _tap_products(a_BxHxWxA, b_BxHxWxC, size: int):
     """sum over b, h, w of taps(a) (x) b, as (K, K, A, C) for K = ``size``: a loop over pairs of
     images, one matmul each.
 
@@ -184,7 +184,7 @@ def _tap_products(a_BxHxWxA, b_BxHxWxC, size: int = 3):
     return total.reshape(size, size, a_ch, c_ch)
 
 
-def _weight_gradient(x_BxHxWxI, dy_BxHxWxO, size: int = 3):
+def _weight_gradient(x_BxHxWxI, dy_BxHxWxO, size: int):
     """dkernel[r, c] = sum over b, h, w of x_padded[h + r, w + c] (x) dy[h, w], as tap matmuls
     (a same-padded K x K kernel, K = ``size``, padding P = K // 2).
 
