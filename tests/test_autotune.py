@@ -100,13 +100,15 @@ def test_a_long_and_far_slower_warm_up_is_not_timed_again(monkeypatch):
     assert best["slow"] >= 0.1 > best["quick"]
 
 
-def test_training_takes_xla_only_when_it_wins_by_more_than_the_margin():
+def test_training_gives_up_a_near_tie_for_xla_only_to_keep_every_layer_off_it():
     # A near tie (3 %), as measured for the 7x7 layer: one xla layer would unroll the trainer's steps.
     near = {"tapgrad": 10.2, "winograd_tapgrad": 11.4, "im2col": 12.0, "xla": 9.9}
-    assert autotune.choose(near, "train") == "tapgrad"
-    assert autotune.choose(near, "sample") == "xla"  # forward alone loops at full speed: the fastest
-    assert autotune.choose({"tapgrad": 12.0, "im2col": 11.5, "xla": 9.9}, "train") == "xla"  # 16 % faster
-    assert autotune.choose({"tapgrad": 5.0, "xla": 9.9}, "train") == "tapgrad"
+    clear = {"tapgrad": 5.0, "xla": 9.9}
+    assert autotune.choose({"7x7": near, "28x28": clear}, "train") == {"7x7": "tapgrad", "28x28": "tapgrad"}
+    assert autotune.choose({"7x7": near}, "sample") == {"7x7": "xla"}  # forward alone loops at full speed
+    # Where another layer keeps xla (16 % ahead), the steps unroll anyway: the near tie keeps it too.
+    far = {"tapgrad": 12.0, "im2col": 11.5, "xla": 9.9}
+    assert autotune.choose({"7x7": near, "14x14": far}, "train") == {"7x7": "xla", "14x14": "xla"}
 
 
 def test_a_warm_cache_measures_nothing(cache_dir, counted_measure):

@@ -47,8 +47,9 @@ CUTOFF = 1.5
 # (over ``min_seconds``): at large batches a call of the slowest lowerings takes seconds. The bar
 # is looser than CUTOFF because a first call also pays one-time costs (memory touched first).
 WARM_UP_CUTOFF = 3.0
-# In training, `xla` wins a layer only by more than this share: one `xla` layer makes the trainer
-# unroll its steps (step.loops_at_full_speed), which compiles the program several times longer.
+# In training, a plan without `xla` is taken if it is within this share of the fastest on every
+# layer: one `xla` layer makes the trainer unroll its steps (step.loops_at_full_speed), which
+# compiles the program several times longer.
 XLA_MARGIN = 0.1
 
 
@@ -136,19 +137,21 @@ def measure(batch: int, mode: str, mesh, *, log=print) -> tuple[ConvPlan, dict]:
         seconds = _time_side_by_side({lowering: programs[key, lowering] for lowering in CANDIDATES[mode]}, inputs[key])
         row = table[key] = {lowering: 1e3 * s for lowering, s in seconds.items()}
         log(f"  {key:>16}: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in row.items()))
-    by_shape = tuple(sorted((key, choose(row, mode)) for key, row in table.items()))
-    return ConvPlan("xla", by_shape), table
+    return ConvPlan("xla", tuple(sorted(choose(table, mode).items()))), table
 
 
-def choose(row: dict[str, float], mode: str) -> str:
-    """The fastest lowering of one layer's timings; in training, ``xla`` only if no other comes
-    within XLA_MARGIN of it (a near tie is not worth unrolling the trainer's steps for)."""
-    fastest = min(row, key=row.get)
-    others = {name: ms for name, ms in row.items() if name != "xla"}
-    if mode == "train" and fastest == "xla" and others:
-        runner_up = min(others, key=others.get)
-        if others[runner_up] <= (1 + XLA_MARGIN) * row["xla"]:
-            return runner_up
+def choose(table: dict[str, dict[str, float]], mode: str) -> dict[str, str]:
+    """The lowering of each layer shape from its timings: the fastest; in training, the fastest
+    other than ``xla`` on every layer if each is within XLA_MARGIN of that layer's fastest. Only a
+    plan without ``xla`` lets the trainer's steps run as a loop, so a near tie is worth giving up
+    for it, but not once another layer keeps ``xla`` anyway."""
+    fastest = {key: min(row, key=row.get) for key, row in table.items()}
+    if mode != "train":
+        return fastest
+    without_xla = {key: min((name for name in row if name != "xla"), key=row.get, default="xla")
+                   for key, row in table.items()}
+    if all(table[key][without_xla[key]] <= (1 + XLA_MARGIN) * table[key][fastest[key]] for key in table):
+        return without_xla
     return fastest
 
 
