@@ -83,7 +83,7 @@ def test_candidates_take_turns_and_a_far_slower_one_stops_after_the_first_round(
     calls = []
     programs = _sleepers(calls, quick=0.002, slow=0.1, close=0.002)
     # The slow one's warm-up (0.1 s) is under min_seconds, too short to skip it on.
-    best = autotune._time_side_by_side(programs, (), rounds=3, min_seconds=0.2, max_rounds=3)
+    best = autotune._time_side_by_side(programs, (), min_seconds=0.2, max_rounds=3)
     # A warm-up each, then rounds in turn; the slow one (50x) is dropped after round one.
     assert calls[:6] == ["quick", "slow", "close", "quick", "slow", "close"]
     assert calls.count("slow") == 2 and calls.count("quick") == calls.count("close") == 4
@@ -94,10 +94,19 @@ def test_a_long_and_far_slower_warm_up_is_not_timed_again(monkeypatch):
     monkeypatch.setattr(autotune, "WARM_UP_CUTOFF", 10.0)  # far from the 50x below, and from sleep's jitter
     calls = []
     programs = _sleepers(calls, quick=0.002, slow=0.1, close=0.002)
-    best = autotune._time_side_by_side(programs, (), rounds=3, min_seconds=0.05, max_rounds=3)
+    best = autotune._time_side_by_side(programs, (), min_seconds=0.05, max_rounds=3)
     assert calls[:3] == ["quick", "slow", "close"] and calls.count("slow") == 1
     assert calls.count("quick") == calls.count("close") == 4
     assert best["slow"] >= 0.1 > best["quick"]
+
+
+def test_calls_longer_than_min_seconds_are_timed_in_one_round():
+    # A large batch's layers: a warm-up and one round each, where short ones take every round (above).
+    calls = []
+    programs = _sleepers(calls, long=0.06, longer=0.07)
+    best = autotune._time_side_by_side(programs, (), min_seconds=0.05, max_rounds=3)
+    assert calls == ["long", "longer", "long", "longer"]
+    assert best["long"] >= 0.06 and best["longer"] >= 0.07
 
 
 def test_training_gives_up_a_near_tie_for_xla_only_to_keep_every_layer_off_it():

@@ -61,13 +61,18 @@ def parse_shape(key: str) -> tuple[int, int, int, int]:
 def _inputs(key: str, batch: int, mode: str, mesh) -> tuple:
     """Random (x, kernel[, dy]) for one layer shape, x and dy split over the mesh as a batch is."""
     h, w, in_ch, out_ch = parse_shape(key)
-    keys = jax.random.split(jax.random.key(0), 3)
+    rng = np.random.default_rng(0)
     batch_sharding, replicated = devices.batch_sharding(mesh), devices.replicated(mesh)
-    x = jax.device_put(jax.random.normal(keys[0], (batch, h, w, in_ch)), batch_sharding)
-    kernel = jax.device_put(0.05 * jax.random.normal(keys[1], (3, 3, in_ch, out_ch)), replicated)
+
+    def images(channels):  # one random image, repeated: a convolution's time does not depend on the values,
+        one = rng.standard_normal((1, h, w, channels), np.float32)  # and drawing each would take seconds at a large batch
+        return jax.device_put(np.broadcast_to(one, (batch, h, w, channels)), batch_sharding)
+
+    x = images(in_ch)
+    kernel = jax.device_put(0.05 * rng.standard_normal((3, 3, in_ch, out_ch), np.float32), replicated)
     if mode == "sample":
         return x, kernel
-    return x, kernel, jax.device_put(jax.random.normal(keys[2], (batch, h, w, out_ch)), batch_sharding)
+    return x, kernel, images(out_ch)
 
 
 def _compile(lowering: str, args: tuple, mode: str, mesh):
@@ -88,14 +93,15 @@ def _compile(lowering: str, args: tuple, mode: str, mesh):
     return jax.jit(program).lower(*args).compile()
 
 
-def _time_side_by_side(programs: dict, args: tuple, *, rounds: int = 3, min_seconds: float = 0.2,
+def _time_side_by_side(programs: dict, args: tuple, *, min_seconds: float = 0.2,
                        max_rounds: int = 10) -> dict[str, float]:
-    """Seconds per call of each program, the best of several rounds in which each runs once in turn.
+    """Seconds per call of each program, the best of the rounds in which each runs once in turn.
 
     Taking turns makes a burst of load on a shared machine fall on every candidate alike, where
     timing one after another would hand it to whichever ran then. After a warm-up call each,
-    at least ``rounds`` rounds run, more (up to ``max_rounds``) while the fastest's runs add up
-    to under ``min_seconds``, since the shortest layers are the noisiest. A program that takes
+    rounds run while the fastest's runs add up to under ``min_seconds`` (one at least, at most
+    ``max_rounds``): the shortest layers are the noisiest and get the most rounds, where a call
+    of a large batch that takes longer than ``min_seconds`` is timed once. A program that takes
     CUTOFF times the fastest in the first round is not timed further; one whose warm-up took over
     ``min_seconds`` and WARM_UP_CUTOFF times the fastest warm-up is not timed at all, and its
     warm-up is what is reported for it.
@@ -109,7 +115,7 @@ def _time_side_by_side(programs: dict, args: tuple, *, rounds: int = 3, min_seco
     timed, spent = [name for name in programs if warm_up[name] <= too_slow], 0.0
     best = {name: np.inf if name in timed else warm_up[name] for name in programs}
     for done in range(max_rounds):
-        if done >= rounds and spent >= min_seconds:
+        if done and spent >= min_seconds:
             break
         for name in timed:
             start = time.perf_counter()
