@@ -71,9 +71,10 @@ EVAL_KEYS = {"fd", "confidence_mean", "frac_confident", "class_hist", "class_ent
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    # tests/test_train.py's TINY program (1 step per dispatch, warm-up 2): the session's compilation cache has it.
     path = str(tmp_path_factory.mktemp("run"))
     train(Config(workdir=path, steps=3, batch_size=8, n_T=20, sample_steps=3, num_samples=4, sample_every=0,
-                 ckpt_every=0, warmup_steps=0, conv="tapgrad"))
+                 ckpt_every=0, warmup_steps=2, conv="tapgrad"))
     return path
 
 

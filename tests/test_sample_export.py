@@ -14,9 +14,10 @@ from unet_jax.train import Config, train
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    # tests/test_train.py's TINY program (1 step per dispatch, warm-up 2): the session's compilation cache has it.
     path = str(tmp_path_factory.mktemp("run"))
     train(Config(workdir=path, steps=3, batch_size=8, n_T=20, sample_steps=3, num_samples=4, sample_every=0,
-                 ckpt_every=0, warmup_steps=0, conv="tapgrad"))
+                 ckpt_every=0, warmup_steps=2, conv="tapgrad"))
     return path
 
 
@@ -70,7 +71,7 @@ def test_export_of_the_initial_weights_is_the_trainers_start(tmp_path):
     # its raw weights are still the ones it started from: those --init-seed must export.
     run = str(tmp_path / "run")
     train(Config(workdir=run, steps=1, seed=3, batch_size=8, n_T=20, sample_steps=3, num_samples=4, sample_every=0,
-                 ckpt_every=0, warmup_steps=5, conv="tapgrad"))
+                 ckpt_every=0, warmup_steps=2, conv="tapgrad"))
     export.main(["--init-seed", "3", "--out", str(tmp_path / "init.pt")])
     export.main(["--workdir", run, "--raw", "--out", str(tmp_path / "step1.pt")])
     initial, trained = (torch_to_flax(str(tmp_path / name))["params"] for name in ("init.pt", "step1.pt"))
