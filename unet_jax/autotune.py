@@ -64,8 +64,10 @@ def _inputs(key: str, batch: int, mode: str, mesh) -> tuple:
     rng = np.random.default_rng(0)
     batch_sharding, replicated = devices.batch_sharding(mesh), devices.replicated(mesh)
 
-    def images(channels):  # one random image, repeated: a convolution's time does not depend on the values,
-        one = rng.standard_normal((1, h, w, channels), np.float32)  # and drawing each would take seconds at a large batch
+    # One random image, repeated over the batch: a convolution's time does not depend on the
+    # values, and drawing a large batch's worth took longer than timing it.
+    def images(channels):
+        one = rng.standard_normal((1, h, w, channels), np.float32)
         return jax.device_put(np.broadcast_to(one, (batch, h, w, channels)), batch_sharding)
 
     x = images(in_ch)
