@@ -29,6 +29,14 @@ def test_initial_weights_are_flaxs_own_initialisation(variables):
         np.testing.assert_array_equal(ours, theirs)
 
 
+def test_initial_weights_are_the_same_inside_a_jit(variables):
+    # Traced, init_variables is a nested jit at XLA's default level; with a key closed over, its own program.
+    key = jax.random.key(0)
+    for inside in (jax.jit(init_variables)(key), jax.jit(lambda: init_variables(key))()):
+        for ours, theirs in zip(jax.tree.leaves(inside), jax.tree.leaves(variables), strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+
+
 def test_intermediate_shapes_are_the_tutorials(variables):
     x, t = _inputs(32)
     out = Unet().apply(variables, x, t, method=Unet.intermediates)

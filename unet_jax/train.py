@@ -151,7 +151,7 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
         recorded_program, program = _claim_workdir(config, adopt, images, mesh, mgr)
         model = Unet(conv=_conv_plan(config, mesh), dtype=COMPUTE_DTYPES[config.dtype])
         tx = make_optimizer(config)
-        state = _restore(config, mgr, functools.partial(_fresh_state, initial, init_key, tx), mesh,
+        state = _restore(config, mgr, functools.partial(_fresh_state, initial, tx=tx), init_key, mesh,
                          recorded_program, program)
     except (checkpoints.IncompatibleWorkdirError, checkpoints.NoReadableCheckpointError):
         mgr.close()
@@ -258,13 +258,13 @@ def _claim_workdir(config: Config, adopt: bool, images, mesh, mgr) -> tuple[dict
     return recorded_program, program
 
 
-def _fresh_state(initial, init_key, tx) -> TrainState:
+def _fresh_state(initial, init_key, *, tx) -> TrainState:
     """A new run's state: the --init-from weights, else freshly initialised ones."""
     return create_state(initial if initial is not None else init_variables(init_key)["params"], tx)
 
 
-def _restore(config: Config, mgr, fresh_state, mesh, recorded_program, program) -> TrainState:
-    """The newest readable checkpoint, else ``fresh_state()``, replicated over the mesh; ``metrics.jsonl``
+def _restore(config: Config, mgr, fresh_state, init_key, mesh, recorded_program, program) -> TrainState:
+    """The newest readable checkpoint, else ``fresh_state(init_key)``, replicated over the mesh; ``metrics.jsonl``
     trimmed to match. A checkpoint restores into that layout whatever device count wrote it.
 
     A resumed run needs only the state's shapes, so its initial weights are never computed: an
@@ -273,11 +273,11 @@ def _restore(config: Config, mgr, fresh_state, mesh, recorded_program, program) 
     primary = devices.is_primary()
     replicated = devices.replicated(mesh)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                          jax.eval_shape(fresh_state))
+                          jax.eval_shape(fresh_state, init_key))
     latest, state = checkpoints.restore_newest_readable(
         mgr, lambda _: ocp.args.StandardRestore(target), set_aside=True, log=print if primary else (lambda *_: None))
     if latest is None:
-        state = jax.device_put(fresh_state(), replicated)
+        state = jax.device_put(fresh_state(init_key), replicated)
     else:
         print(f"resumed {config.workdir} from step {latest}")
         changed = program_changes(recorded_program, program, latest, config.steps)
