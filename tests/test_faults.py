@@ -496,3 +496,21 @@ def test_a_refused_pickle_never_runs(weights):
     with pytest.raises(WeightsFileError, match="refusing to load"):
         torch_to_flax(weights["pickle.pt"])
     assert not os.path.exists(os.path.join(os.path.dirname(weights["pickle.pt"]), "pwned"))
+
+
+def test_a_run_that_lost_a_process_does_not_wait_for_its_save_in_flight(tmp_path):
+    # Orbax finishes a save at a barrier with every process; with one gone the barrier only fails after the
+    # heartbeat timeout, and JAX then aborts the survivor: so the trainer abandons the save instead.
+    class BarrierWithALostProcess:
+        def wait_until_finished(self):
+            raise jax.errors.JaxRuntimeError("Barrier failed because: Task 1 heartbeat timeout")
+
+        def close(self):
+            self.wait_until_finished()
+
+    saves = checkpoints.ConfirmedSaves(BarrierWithALostProcess(), str(tmp_path), primary=True)
+    saves.in_flight = 10
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        saves.close()
+    saves.abandon()
+    saves.close()  # returns at once

@@ -241,7 +241,7 @@ class ConfirmedSaves:
     def __init__(self, mgr: ocp.CheckpointManager, workdir: str, primary: bool):
         self.mgr, self.workdir, self.primary = mgr, workdir, primary
         self.in_flight = None  # the step of the save not yet confirmed on disk
-        self.failed = False
+        self.waiting_is_futile = False
 
     def last_committed(self) -> str:
         steps = committed_steps(self.workdir)
@@ -272,12 +272,17 @@ class ConfirmedSaves:
         if self.primary and step not in committed_steps(self.workdir):
             raise self._failed(step, "it never reached the disk; see Orbax's log above")
 
+    def abandon(self) -> None:
+        """Never wait for the save in flight: another process of the run is gone, and Orbax finishes a
+        save at a barrier with every process, which then only fails, and JAX aborts the process."""
+        self.waiting_is_futile = True
+
     def _failed(self, step: int, reason: str) -> CheckpointSaveError:
-        self.failed = True
+        self.waiting_is_futile = True
         return CheckpointSaveError(f"saving the checkpoint of step {step} in {self.workdir} failed ({reason}); "
                                    f"stopping. The last complete checkpoint is {self.last_committed()}.")
 
     def close(self) -> None:
-        if not self.failed:  # after a failed save, Orbax's wait (close waits too) only waits out its timeouts
+        if not self.waiting_is_futile:  # after a failed save, Orbax's wait (close waits too) only waits out its timeouts
             self.mgr.wait_until_finished()
             self.mgr.close()

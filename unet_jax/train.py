@@ -204,6 +204,7 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     except (jax.errors.JaxRuntimeError, ValueError) as error:
         if jax.process_count() == 1 or not _is_lost_peer(error):
             raise
+        saves.abandon()
         raise _peer_lost(error, step, saves) from error
     finally:
         metrics.close()
