@@ -283,6 +283,7 @@ class ConfirmedSaves:
                                    f"stopping. The last complete checkpoint is {self.last_committed()}.")
 
     def close(self) -> None:
-        if not self.waiting_is_futile:  # after a failed save, Orbax's wait (close waits too) only waits out its timeouts
+        # After a failed save, or with a process gone, Orbax's wait (close waits too) only waits out its timeouts.
+        if not self.waiting_is_futile:
             self.mgr.wait_until_finished()
             self.mgr.close()
