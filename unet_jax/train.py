@@ -270,6 +270,8 @@ def _restore(config: Config, mgr, fresh_state, init_key, mesh, recorded_program,
 
     A resumed run needs only the state's shapes, so its initial weights are never computed: an
     eager initialisation is a few hundred small programs to compile on a cold compilation cache.
+    The key goes into ``jax.eval_shape`` as an argument: traced, ``init_variables`` is only traced,
+    where a key closed over would have it compile and run its own program.
     """
     primary = devices.is_primary()
     replicated = devices.replicated(mesh)
