@@ -1,8 +1,10 @@
 """The JAX trainer end to end: outputs, resume, kill-and-resume, guards and bad input."""
 
 import dataclasses
+import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,6 +226,19 @@ def test_cli_errors_are_clear(tmp_path, capsys):
             main(["--workdir", str(tmp_path / "w"), *bad])
         assert info.value.code == 2, bad
     assert "error:" in capsys.readouterr().err
+
+
+def test_bfloat16_on_a_cpu_is_noted_for_what_xla_does_with_it():
+    assert train_module._dtype_note("float32", "cpu") is None
+    assert train_module._dtype_note("bfloat16", "gpu") is None
+    assert "slower than --dtype float32" in train_module._dtype_note("bfloat16", "cpu")
+    if jax.default_backend() == "cpu":  # the note's reason: the compiled bfloat16 matmul and convolution are float32 ones
+        a = jnp.ones((64, 64), jnp.bfloat16)
+        x, k = jnp.ones((2, 8, 8, 16), jnp.bfloat16), jnp.ones((3, 3, 16, 16), jnp.bfloat16)
+        conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        assert re.search(r"= f32\[64,64\]\S* dot\(", jax.jit(jnp.dot).lower(a, a).compile().as_text())
+        assert re.search(r"= f32\[2,8,8,16\]\S* convolution\(", jax.jit(conv).lower(x, k).compile().as_text())
 
 
 def test_ema_warms_up():

@@ -165,6 +165,8 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     if primary:
         print(f"training on {mesh.devices.size} {jax.default_backend()} device(s) in {jax.process_count()} "
               f"process(es), batch {config.batch_size} split over them")
+        if note := _dtype_note(config.dtype, jax.default_backend()):
+            print(note)
     # Every process holds the uint8 training set; each device gathers only its rows of a batch.
     images_u8 = jax.device_put(images.images, devices.replicated(mesh))
     keys = (data_key, noise_key)
@@ -210,6 +212,16 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
         metrics.close()
         saves.close()
     return state
+
+
+def _dtype_note(dtype: str, backend: str) -> str | None:
+    """What a user asking for bfloat16 on a CPU should know: XLA:CPU converts bfloat16 dots and
+    convolutions to float32 and back, so the run is slower than in float32 on every CPU measured,
+    AMX and AVX512-BF16 ones included."""
+    if dtype == "bfloat16" and backend == "cpu":
+        return ("note: --dtype bfloat16 on a CPU: XLA computes its matmuls and convolutions in float32 there, "
+                "so this run is slower than --dtype float32 (benchmarks/README.md, Speed against torch)")
+    return None
 
 
 def _programs(config: Config, model: Unet, tx, mesh, start: int, args: tuple) -> dict:
