@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import jax_bench, torch_bench  # noqa: E402
-from benchmarks.machine import cpu_has_bfloat16, machine, machine_name  # noqa: E402
+from benchmarks.machine import cpu_has_bfloat16, describe, machine, machine_name  # noqa: E402
 from unet_jax import autotune, data  # noqa: E402
 from unet_jax.train import Config  # noqa: E402
 
@@ -119,7 +119,7 @@ def _measure(case: str, batch: int, dtype: str, cases, peak: float) -> list[dict
 
 def table(result: dict) -> str:
     m = result["machine"]
-    lines = [f"Machine: {m.get('gpu') or m['cpu']} ({m.get('cpu_kind', '')}), {m['cores']} cores, JAX {m['jax']} ({m['backend']}, "
+    lines = [f"Machine: {describe(m)}, {m['cores']} cores, JAX {m['jax']} ({m['backend']}, "
              f"{m['jax_devices']} device(s)), torch {m['torch']}, Python {m['python']}. "
              f"float32 matmul peak measured in the same run: {result['matmul_peak_gflops']:.0f} GFLOP/s. "
              f"Command: `{result['command'].strip()}`. GFLOP/s: the FLOPs of a direct-convolution step (XLA's "

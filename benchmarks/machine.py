@@ -11,13 +11,20 @@ from unet_jax import devices
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+    cpu, text = platform.processor() or platform.machine(), ""
     if os.path.exists("/proc/cpuinfo"):
-        match = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        match = re.search(r"model name\s*:\s*(.+)", text)
         cpu = match.group(1).strip() if match else cpu
     info = {"cpu": cpu, "cores": devices.usable_cores(), "backend": jax.default_backend(),
             "jax_devices": len(jax.devices()), "jax": jax.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "cpu_bfloat16": cpu_has_bfloat16(), "cpu_kind": cpu_vector_kind()}
+    # A virtual machine may name its CPU only "AMD EPYC"; the x86 family and model tell its
+    # generations apart (two of them, both AVX-512, differ twofold in matmul peak).
+    family, model = (re.search(rf"^{field}\s*:\s*(\d+)$", text, re.M) for field in ("cpu family", "model"))
+    if family and model:
+        info["cpu_family"], info["cpu_model"] = int(family.group(1)), int(model.group(1))
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -49,6 +56,19 @@ def cpu_vector_kind() -> str:
     return platform.machine().lower()
 
 
+def describe(info: dict) -> str:
+    """The machine in words for a results table: 'AMD EPYC (avx512, x86 family 26 model 2)'."""
+    if info.get("gpu"):
+        return info["gpu"]
+    details = [info.get("cpu_kind", "")]
+    if "cpu_family" in info:
+        details.append(f"x86 family {info['cpu_family']} model {info['cpu_model']}")
+    return f"{info['cpu']} ({', '.join(d for d in details if d)})"
+
+
 def machine_name(info: dict) -> str:
+    """The results file's name: the GPU's, or the CPU's cores, name, vector kind and x86 family and model."""
     label = info.get("gpu") or f"cpu-{info['cores']}core-{info['cpu']}-{info.get('cpu_kind', '')}"
+    if not info.get("gpu") and "cpu_family" in info:
+        label += f"-family{info['cpu_family']}-model{info['cpu_model']}"
     return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.machine import machine, machine_name
+from benchmarks.machine import describe, machine, machine_name
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIGS = (("1 device", 1, 1), ("2 devices", 1, 2), ("8 devices", 1, 8), ("2 processes × 1 device", 2, 1))
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     info = machine()
     result = {"machine": info, "command": "python -m benchmarks.scaling " + " ".join(sys.argv[1:]),
               "batch_size": args.batch_size, "steps": args.steps, "rows": rows}
-    lines = [f"Machine: {info.get('gpu') or info['cpu']}, {info['cores']} cores, JAX {info['jax']}. "
+    lines = [f"Machine: {describe(info)}, {info['cores']} cores, JAX {info['jax']}. "
              f"Global batch {args.batch_size}, {args.steps} steps, median of the log windows after the first. "
              f"Command: `{result['command'].strip()}`.", "",
              "| configuration | images/s (median) | spread (min-max) | × 1 device |", "|---|---|---|---|"]

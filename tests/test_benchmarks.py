@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from benchmarks.machine import machine_name
+from benchmarks.machine import describe, machine_name
 
 
 @pytest.mark.slow
@@ -48,6 +48,17 @@ def test_bench_writes_its_json_and_table(tmp_path, warm_autotune_cache):
     assert rows[("train step", "jax-jit")]["gflops"] > 0  # from XLA's cost analysis
     table = json_path.with_suffix(".md").read_text()
     assert "| train step | 4 | float32 | jax-jit |" in table and table in done.stdout
+
+
+def test_two_generations_of_one_named_cpu_keep_their_own_results_files():
+    # A virtual machine names both AVX-512 EPYC generations "AMD EPYC"; their family and model differ.
+    zen4 = {"cpu": "AMD EPYC", "cores": 2, "cpu_kind": "avx512", "cpu_family": 25, "cpu_model": 17}
+    zen5 = {**zen4, "cpu_family": 26, "cpu_model": 2}
+    assert machine_name(zen5) == "cpu-2core-amd-epyc-avx512-family26-model2" != machine_name(zen4)
+    assert describe(zen5) == "AMD EPYC (avx512, x86 family 26 model 2)"
+    # Results written before the family was recorded keep the names they were written under.
+    older = {key: zen4[key] for key in ("cpu", "cores", "cpu_kind")}
+    assert machine_name(older) == "cpu-2core-amd-epyc-avx512"
 
 
 def _run(*args, env=None):
