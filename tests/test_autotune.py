@@ -5,11 +5,12 @@ import os
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from unet_jax import autotune
 from unet_jax.layers import CONV_LOWERINGS, ConvPlan
-from unet_jax.model import conv_layers, init_variables
+from unet_jax.model import conv_layers, image_conv_shapes, init_variables
 
 FAKE_PLAN = ConvPlan("xla", (("28x28 64->64", "im2col"),))
 
@@ -49,6 +50,18 @@ def test_conv_layers_are_the_unets_convolutions():
     assert set(found) == set(kernels)
     for path, key in found.items():
         assert key.endswith(f"{kernels[path][2]}->{kernels[path][3]}")
+
+
+def test_the_layer_that_reads_the_image_is_timed_without_an_input_gradient():
+    # The train step differentiates the parameters, not the image: the first layer's input gradient never runs.
+    assert image_conv_shapes() == {"28x28 1->64"}
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    args = autotune._inputs("28x28 1->64", 2, "train", mesh)
+    for lowering in ("tapgrad", "im2col"):
+        full = autotune._compile(lowering, args, "train", mesh)(*args)
+        kernel_only = autotune._compile(lowering, args, "train", mesh, input_gradient=False)(*args)
+        assert kernel_only.shape == (3, 3, 1, 64)
+        np.testing.assert_allclose(kernel_only, full[1], rtol=1e-5, atol=1e-6)
 
 
 def test_a_real_measurement_times_every_candidate_and_caches_the_fastest(cache_dir):

@@ -2,9 +2,9 @@
 
 No lowering of the 3x3 convolution is fastest everywhere (see ``unet_jax/layers.py``), so, as
 cuDNN's autotuner does, the candidate lowerings (``CANDIDATES``) are timed side by side on the
-network's real layer shapes at the run's per-device batch, forward and both gradients for
-training, forward alone for sampling, over the devices the run will use. The fastest per
-shape makes a ``ConvPlan``.
+network's real layer shapes at the run's per-device batch, over the devices the run will use:
+for training, forward and gradients (the kernel's alone for the layer that reads the image, as
+in the train step); for sampling, forward alone. The fastest per shape makes a ``ConvPlan``.
 
 The plan is cached per machine (CPU model and flags, backend, JAX version, device count,
 per-device batch, mode) in ``$UNET_JAX_CACHE_DIR`` or ``~/.cache/unet_jax``: a warm cache
@@ -28,12 +28,12 @@ from jax.sharding import PartitionSpec as P
 
 from unet_jax import devices
 from unet_jax.layers import CONV_LOWERINGS, ConvPlan
-from unet_jax.model import conv_layers
+from unet_jax.model import conv_layers, image_conv_shapes
 
 CHOICES = ("auto", *CONV_LOWERINGS)
 MODES = ("train", "sample")
 # Raised when the lowerings, the candidates or the rule that picks among them change: no cached plan outlives them.
-CACHE_VERSION = 7
+CACHE_VERSION = 8
 # The lowerings worth timing. Training: `winograd`'s autodiff runs the transposes of its strided
 # tile slices, so `winograd_tapgrad` (the same forward) is never slower. Sampling runs forward
 # alone, where `tapgrad` is `xla` and `winograd_tapgrad` is `winograd`.
@@ -77,21 +77,26 @@ def _inputs(key: str, batch: int, mode: str, mesh) -> tuple:
     return x, kernel, images(out_ch)
 
 
-def _compile(lowering: str, args: tuple, mode: str, mesh):
+def _compile(lowering: str, args: tuple, mode: str, mesh, *, input_gradient: bool = True):
     """One layer's program as the trainer and the sampler run it: forward alone under XLA's
-    partitioner (sample), or forward and both gradients on each device's slice of the batch,
-    the kernel's gradient summed over devices (train, as ``step.apply_update``)."""
+    partitioner (sample), or forward and gradients on each device's slice of the batch, the
+    kernel's gradient summed over devices (train, as ``step.apply_update``). A layer that reads
+    the image has no input gradient in training (``input_gradient=False``): its program returns
+    the kernel's gradient alone."""
     fn = CONV_LOWERINGS[lowering]
     if mode == "sample":
         return jax.jit(fn).lower(*args).compile()
 
     def per_device(x, kernel, dy):
+        if not input_gradient:
+            (dkernel,) = jax.vjp(lambda k: fn(x, k), kernel)[1](dy)
+            return jax.lax.psum(dkernel, "data")
         dx, dkernel = jax.vjp(fn, x, kernel)[1](dy)
         return dx, jax.lax.psum(dkernel, "data")
 
     batch = P("data")
-    program = jax.shard_map(per_device, mesh=mesh, in_specs=(batch, P(), batch), out_specs=(batch, P()),
-                            check_vma=False)
+    program = jax.shard_map(per_device, mesh=mesh, in_specs=(batch, P(), batch),
+                            out_specs=(batch, P()) if input_gradient else P(), check_vma=False)
     return jax.jit(program).lower(*args).compile()
 
 
@@ -135,11 +140,16 @@ def measure(batch: int, mode: str, mesh, *, log=print) -> tuple[ConvPlan, dict]:
     ``batch`` is the global batch, split over ``mesh``. The programs compile first, on every
     core at once, so that no compile runs beside a timing.
     """
-    shapes = list(conv_layers())
+    shapes, reads_image = list(conv_layers()), image_conv_shapes()
     inputs = {key: _inputs(key, batch, mode, mesh) for key in shapes}
     jobs = [(key, lowering) for key in shapes for lowering in CANDIDATES[mode]]
+
+    def compile_job(job):
+        key, lowering = job
+        return _compile(lowering, inputs[key], mode, mesh, input_gradient=key not in reads_image)
+
     with concurrent.futures.ThreadPoolExecutor(devices.usable_cores()) as pool:
-        programs = dict(zip(jobs, pool.map(lambda job: _compile(job[1], inputs[job[0]], mode, mesh), jobs)))
+        programs = dict(zip(jobs, pool.map(compile_job, jobs)))
     table: dict[str, dict[str, float]] = {}
     for key in shapes:
         seconds = _time_side_by_side({lowering: programs[key, lowering] for lowering in CANDIDATES[mode]}, inputs[key])

@@ -250,18 +250,35 @@ def _compiled_init(batch: int, model: "Unet", key: jax.ShapeDtypeStruct):
     return _init.lower(key, batch, model).compile(options)
 
 
-def conv_layers() -> dict[str, list[str]]:
-    """The Unet's 3x3 convolutions: shape key ('28x28 64->64') -> the module paths that have it."""
-    layers: dict[str, list[str]] = {}
+def _traced_convs() -> list[tuple[str, str, bool]]:
+    """(shape key, module path, whether it reads the model's input image) of each 3x3 convolution."""
+    convs, image = [], []
 
     def record(next_fun, args, kwargs, context):
         module = context.module
+        if isinstance(module, Unet) and context.method_name == "__call__":
+            image.append(args[0])
         if isinstance(module, Conv3x3) and context.method_name == "__call__":
             _, h, w, in_ch = args[0].shape
-            layers.setdefault(conv_shape(h, w, in_ch, module.features), []).append("/".join(module.path))
+            convs.append((conv_shape(h, w, in_ch, module.features), "/".join(module.path), args[0] is image[0]))
         return next_fun(*args, **kwargs)
 
     x = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
     with nn.intercept_methods(record):
         jax.eval_shape(Unet().init, jax.random.key(0), x, jnp.zeros((1,), jnp.float32))
+    return convs
+
+
+def conv_layers() -> dict[str, list[str]]:
+    """The Unet's 3x3 convolutions: shape key ('28x28 64->64') -> the module paths that have it."""
+    layers: dict[str, list[str]] = {}
+    for key, path, _ in _traced_convs():
+        layers.setdefault(key, []).append(path)
     return layers
+
+
+def image_conv_shapes() -> set[str]:
+    """The shape keys whose every layer reads the model's input image: training takes no
+    gradient with respect to those layers' input, so neither does timing them for it."""
+    convs = _traced_convs()
+    return {key for key, _, _ in convs} - {key for key, _, reads_image in convs if not reads_image}
