@@ -67,6 +67,21 @@ def test_batches_are_epoch_permutations_and_deterministic():
     np.testing.assert_array_equal(data.batch_indices(key, 7, n, b), data.batch_indices(key, 7, n, b))
 
 
+def test_an_epoch_order_carried_from_step_to_step_gives_each_steps_own_batch():
+    # As the trainer's multi-step program carries it: 10 examples in batches of 3 are 3 steps an
+    # epoch, so steps 1 to 8 cross two epochs, and a stale order would repeat the last epoch's batches.
+    key, n, b = jax.random.key(5), 10, 3
+
+    def carried(order, step):
+        order = data.epoch_order(key, step, n, b, known=order)
+        return order, data.batch_in_order(order, step, n, b)
+
+    _, batches = jax.lax.scan(carried, data.epoch_order(key, 1, n, b), jax.numpy.arange(1, 9))
+    expected = np.stack([data.batch_indices(key, s, n, b) for s in range(1, 9)])
+    np.testing.assert_array_equal(batches, expected)
+    assert not np.array_equal(np.sort(expected[2]), np.sort(expected[5]))  # the epochs do differ
+
+
 def _write_idx(path, array, magic, compress):
     header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
     opener = gzip.open if compress else open

@@ -33,9 +33,30 @@ def to_model_range(images_u8):
     return jnp.asarray(_PIXEL_TO_MODEL)[images_u8.astype(jnp.int32)]
 
 
+def epoch_order(key, step, num_examples: int, batch_size: int, known=None):
+    """(epoch, order) of the epoch that batch ``step`` falls in: epoch e's order is
+    permutation(fold_in(key, e)).
+
+    The permutation sorts the whole dataset (60,000 keys for full MNIST, tens of ms on a CPU),
+    so a program of several steps passes the pair of its previous step as ``known``: returned
+    as it is while the step stays in that epoch, the sort runs once per epoch, not per step.
+    """
+    epoch = step // (num_examples // batch_size)
+
+    def fresh():
+        return epoch, jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+    if known is None:
+        return fresh()
+    return jax.lax.cond(epoch == known[0], lambda: known, fresh)
+
+
+def batch_in_order(order, step, num_examples: int, batch_size: int):
+    """Indices of batch ``step`` from its epoch's (epoch, order); the last partial batch is dropped."""
+    position = step % (num_examples // batch_size)
+    return jax.lax.dynamic_slice_in_dim(order[1], position * batch_size, batch_size)
+
+
 def batch_indices(key, step, num_examples: int, batch_size: int):
     """Indices of batch ``step``: epoch e is permutation(fold_in(key, e)); the last partial batch is dropped."""
-    per_epoch = num_examples // batch_size
-    epoch, position = step // per_epoch, step % per_epoch
-    order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
-    return jax.lax.dynamic_slice_in_dim(order, position * batch_size, batch_size)
+    return batch_in_order(epoch_order(key, step, num_examples, batch_size), step, num_examples, batch_size)

@@ -135,14 +135,17 @@ def _all_finite(tree):
 
 
 def train_step(state: TrainState, images_u8, keys, *, model, tx, schedule, batch_size: int, ema_decay: float,
-               sharding=None):
+               sharding=None, order=None):
     """Batch ``state.step`` of the on-device data, fresh noise from fold_in(key, step), one update.
 
     With ``sharding`` (a batch-axis NamedSharding), XLA splits the batch over the devices and
     all-reduces the gradients; the numbers are the same batch's whatever the device count.
+    ``order``: the step's (epoch, order) from ``data.epoch_order``, where the caller has it.
     """
     data_key, noise_key = keys
-    idx = data.batch_indices(data_key, state.step, images_u8.shape[0], batch_size)
+    if order is None:
+        order = data.epoch_order(data_key, state.step, images_u8.shape[0], batch_size)
+    idx = data.batch_in_order(order, state.step, images_u8.shape[0], batch_size)
     x0 = data.to_model_range(images_u8[idx])
     t_B, noise = draw_timesteps_and_noise(jax.random.fold_in(noise_key, state.step), x0, schedule.n_T)
     if sharding is not None:
@@ -180,16 +183,24 @@ def train_steps(state: TrainState, acc: dict, images_u8, keys, *, steps: int, **
 
     One dispatch for several steps saves launches on GPU, and on a CPU it takes less time per
     step too: one program reuses its buffers, where each new dispatch first touches fresh
-    memory (the `1 step/dispatch` rows of ``python -m benchmarks``).
+    memory (the `1 step/dispatch` rows of ``python -m benchmarks``). Its steps carry their
+    epoch's order of the data from one to the next (``data.epoch_order``), so the dataset is
+    shuffled once per dispatch and epoch rather than once per step.
     """
     if steps == 1:
         return train_and_accumulate(state, acc, images_u8, keys, **step_kwargs)
 
+    def order_at(step, known=None):  # each step's epoch order, sorted again only when a new epoch starts
+        return data.epoch_order(keys[0], step, images_u8.shape[0], step_kwargs["batch_size"], known)
+
     def body(carry, _):
-        return train_and_accumulate(*carry, images_u8, keys, **step_kwargs), None
+        state, acc, order = carry
+        order = order_at(state.step, order)
+        state, acc = train_and_accumulate(state, acc, images_u8, keys, order=order, **step_kwargs)
+        return (state, acc, order), None
 
     unroll = not loops_at_full_speed(step_kwargs["model"])
-    (state, acc), _ = jax.lax.scan(body, (state, acc), None, length=steps, unroll=unroll)
+    (state, acc, _), _ = jax.lax.scan(body, (state, acc, order_at(state.step)), None, length=steps, unroll=unroll)
     return state, acc
 
 
