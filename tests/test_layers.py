@@ -14,6 +14,7 @@ from unet_jax.layers import (
     Conv3x3,
     ConvPlan,
     ConvTranspose,
+    GroupNorm,
     avg_pool,
     conv_same_tapgrad,
     conv_shape,
@@ -56,6 +57,46 @@ def test_conv_transpose_gradients_agree_between_fast_and_plain():
         g_plain = jax.grad(loss, argnums=(0, 1))(variables, x, False)
         for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size,channels", [(28, 64), (14, 128), (7, 128), (3, 128)])  # the UNet's GroupNorms
+def test_group_norm_and_its_written_out_gradient_match_torch_and_flax_in_float64(size, channels):
+    with jax.enable_x64(True):
+        torch.manual_seed(size)
+        layer = torch.nn.GroupNorm(8, channels).double()
+        torch.nn.init.normal_(layer.weight, 1.0, 0.3)
+        torch.nn.init.normal_(layer.bias, 0.0, 0.3)
+        # Groups of different means and spreads, and a ReLU after, as in the network.
+        x = (torch.randn(2, channels, size, size, dtype=torch.float64) * torch.linspace(0.5, 3, channels)[:, None, None]
+             + torch.linspace(-1, 2, channels)[:, None, None]).requires_grad_()
+        probe = torch.randn(2, channels, size, size, dtype=torch.float64)
+        (torch.relu(layer(x)) * probe).sum().backward()
+        variables = {"params": {"scale": jnp.asarray(layer.weight.detach().numpy()),
+                                "bias": jnp.asarray(layer.bias.detach().numpy())}}
+        x_nhwc, probe_nhwc = (jnp.asarray(a.detach().numpy().transpose(0, 2, 3, 1)) for a in (x, probe))
+        flax_layer = nn.GroupNorm(8, epsilon=1e-5, use_fast_variance=False)
+        for module in (GroupNorm(8, epsilon=1e-5), flax_layer):
+            y = module.apply(variables, x_nhwc)
+            np.testing.assert_allclose(y, layer(x).detach().numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-12)
+            grads = jax.grad(lambda v, x: jnp.sum(nn.relu(module.apply(v, x)) * probe_nhwc), argnums=(0, 1))(
+                variables, x_nhwc)
+            np.testing.assert_allclose(grads[1], x.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-12)
+            np.testing.assert_allclose(grads[0]["params"]["scale"], layer.weight.grad.numpy(), rtol=0, atol=1e-11)
+            np.testing.assert_allclose(grads[0]["params"]["bias"], layer.bias.grad.numpy(), rtol=0, atol=1e-11)
+
+
+def test_group_norm_computes_its_statistics_in_float32_for_bfloat16():
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 16)) * 3 + 100  # a large mean: bfloat16 statistics would lose it
+    variables = GroupNorm(8).init(jax.random.key(1), x)
+    ours = GroupNorm(8, dtype=jnp.bfloat16).apply(variables, x.astype(jnp.bfloat16))
+    flax = nn.GroupNorm(8, epsilon=1e-5, use_fast_variance=False, dtype=jnp.bfloat16).apply(
+        variables, x.astype(jnp.bfloat16))
+    assert ours.dtype == flax.dtype == jnp.bfloat16
+    # Within a bfloat16 rounding of each other (float32 sums in another order); bfloat16 statistics
+    # of a mean of 100 would be off by a tenth of a standard deviation.
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(flax, np.float32), rtol=0, atol=2e-2)
+    with pytest.raises(ValueError, match="divisible by num_groups 8, got 12"):
+        GroupNorm(8).init(jax.random.key(1), jnp.zeros((1, 3, 3, 12)))
 
 
 @pytest.mark.parametrize("size", [28, 14, 7])  # 7 -> 3 floors, as torch does

@@ -2,7 +2,8 @@
 
 The pools and the transposed convolution have a ``fast`` switch. ``fast=False`` is the straightforward Flax/lax form
 (``lax.conv_transpose``, ``nn.max_pool``, ``nn.avg_pool``); ``fast=True`` is a reformulation
-that computes the same numbers. Both read the same parameters, so one set of weights serves
+that computes the same numbers. ``GroupNorm`` is ``nn.GroupNorm`` with its gradient written
+out, which the model uses where ``fast``. Both read the same parameters, so one set of weights serves
 either, and ``tests/test_layers.py`` holds them to each other.
 
 Why: on XLA:CPU the gradient of a transposed convolution takes a naive path, and max-pool's
@@ -128,6 +129,79 @@ class ConvTranspose(nn.Module):
             padding = ((k - 1, k - 1 + pad), (k - 1, k - 1 + pad))
             y = lax.conv_transpose(x_BxHxWxI, kernel_KxKxOxI, (k, k), padding, transpose_kernel=True)
         return y + bias_O
+
+
+# ------------------------------------------------------------------ group normalisation
+
+
+def _over_groups(v_BxC, groups: int):
+    """Per-channel sums (B, C) -> the sum over each channel's group, on every channel: (B, 1, 1, C)."""
+    b, c = v_BxC.shape
+    sums = v_BxC.reshape(b, groups, 1, c // groups).sum(-1, keepdims=True)
+    return jnp.broadcast_to(sums, (b, groups, 1, c // groups)).reshape(b, 1, 1, c)
+
+
+def _group_statistics(x_BxHxWxC, groups: int, epsilon: float):
+    """Each image's channel groups' mean and 1 / sqrt(variance + epsilon), on every channel; the
+    variance in two passes, as torch and ``nn.GroupNorm(use_fast_variance=False)`` take it."""
+    _, h, w, c = x_BxHxWxC.shape
+    count = h * w * (c // groups)
+    mean = _over_groups(x_BxHxWxC.sum(axis=(1, 2)), groups) / count
+    variance = _over_groups(jnp.square(x_BxHxWxC - mean).sum(axis=(1, 2)), groups) / count
+    return mean, lax.rsqrt(variance + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm(x_BxHxWxC, scale_C, bias_C, groups: int, epsilon: float):
+    return _group_norm_forward(x_BxHxWxC, scale_C, bias_C, groups, epsilon)[0]
+
+
+def _group_norm_forward(x, scale, bias, groups, epsilon):
+    mean, inv_std = _group_statistics(x, groups, epsilon)
+    return (x - mean) * (inv_std * scale) + bias, (x, scale, mean, inv_std)
+
+
+def _group_norm_backward(groups, epsilon, residuals, dy_BxHxWxC):
+    """The gradient written out: per image and channel, two sums over the pixels (of dy and of
+    dy * x_hat) give the bias and scale gradients and, summed over each group, the two means
+    that dx needs; then dx in one elementwise pass. Autodiff of the two-pass statistics reads
+    the activation several times more."""
+    x, scale, mean, inv_std = residuals
+    _, h, w, c = x.shape
+    count = h * w * (c // groups)
+    x_hat = (x - mean) * inv_std
+    dbias_BxC, dscale_BxC = dy_BxHxWxC.sum(axis=(1, 2)), (dy_BxHxWxC * x_hat).sum(axis=(1, 2))
+    mean_dx_hat = _over_groups(dbias_BxC * scale, groups) / count
+    mean_dx_hat_x_hat = _over_groups(dscale_BxC * scale, groups) / count
+    dx = inv_std * (dy_BxHxWxC * scale - mean_dx_hat - x_hat * mean_dx_hat_x_hat)
+    return dx, dscale_BxC.sum(0), dbias_BxC.sum(0)
+
+
+_group_norm.defvjp(_group_norm_forward, _group_norm_backward)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm(num_groups, C, eps) in NHWC: ``nn.GroupNorm(num_groups, epsilon,
+    use_fast_variance=False)``'s parameters (``scale``, ``bias``) and numbers, its gradient
+    written out (``_group_norm_backward``). Statistics in float32 at least, as Flax's."""
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC):
+        channels = x_BxHxWxC.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"expected channels divisible by num_groups {self.num_groups}, got {channels}")
+        scale_C = self.param("scale", nn.initializers.ones_init(), (channels,), self.param_dtype)
+        bias_C = self.param("bias", nn.initializers.zeros_init(), (channels,), self.param_dtype)
+        x_BxHxWxC, scale_C, bias_C = nn.dtypes.promote_dtype(x_BxHxWxC, scale_C, bias_C, dtype=self.dtype)
+        compute = jnp.promote_types(x_BxHxWxC.dtype, jnp.float32)
+        y = _group_norm(x_BxHxWxC.astype(compute), scale_C.astype(compute), bias_C.astype(compute),
+                        self.num_groups, self.epsilon)
+        return y.astype(x_BxHxWxC.dtype)
 
 
 # ------------------------------------------------------------------ 3x3 convolution, padding 1

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_recipe.settings import DTYPES
-from unet_jax.layers import Conv3x3, ConvPlan, ConvTranspose, avg_pool, conv_shape, max_pool
+from unet_jax.layers import Conv3x3, ConvPlan, ConvTranspose, GroupNorm, avg_pool, conv_shape, max_pool
 
 Dtype = Any
 
@@ -33,8 +33,11 @@ def conv3x3(features: int, conv: str | ConvPlan, dtype: Dtype | None):
     return Conv3x3(features, conv=conv, dtype=dtype)
 
 
-def group_norm(dtype: Dtype | None):
-    """torch.nn.GroupNorm(8, C): torch's epsilon (Flax defaults to 1e-6) and two-pass variance."""
+def group_norm(dtype: Dtype | None, fast: bool = True):
+    """torch.nn.GroupNorm(8, C): torch's epsilon (Flax defaults to 1e-6) and two-pass variance;
+    where ``fast``, with its gradient written out (``layers.GroupNorm``), else Flax's own."""
+    if fast:
+        return GroupNorm(num_groups=8, epsilon=1e-5, dtype=dtype)
     return nn.GroupNorm(num_groups=8, epsilon=1e-5, use_fast_variance=False, dtype=dtype)
 
 
@@ -75,9 +78,10 @@ class ConvBlock(nn.Module):
     out_channels: int
     conv: str | ConvPlan = "xla"
     dtype: Dtype | None = None
+    fast: bool = True
 
     def setup(self):
-        self.block = [conv3x3(self.out_channels, self.conv, self.dtype), group_norm(self.dtype), nn.relu]
+        self.block = [conv3x3(self.out_channels, self.conv, self.dtype), group_norm(self.dtype, self.fast), nn.relu]
 
     def __call__(self, x):
         return sequential(self.block, x)
@@ -94,7 +98,7 @@ class UnetDown(nn.Module):
 
     def setup(self):
         self.model = [
-            ConvBlock(self.out_channels, self.conv, self.dtype),
+            ConvBlock(self.out_channels, self.conv, self.dtype, self.fast),
             functools.partial(max_pool, window=self.downscale, fast=self.fast),
         ]
 
@@ -110,7 +114,7 @@ class Encoder(nn.Module):
     dtype: Dtype | None = None
 
     def setup(self):
-        self.initial_features = [conv3x3(64, self.conv, self.dtype), group_norm(self.dtype), nn.relu]
+        self.initial_features = [conv3x3(64, self.conv, self.dtype), group_norm(self.dtype, self.fast), nn.relu]
         self.down1 = UnetDown(64, downscale=2, fast=self.fast, conv=self.conv, dtype=self.dtype)
         self.down2 = UnetDown(128, downscale=2, fast=self.fast, conv=self.conv, dtype=self.dtype)
         self.down3 = UnetDown(128, downscale=2, fast=self.fast, conv=self.conv, dtype=self.dtype)
@@ -139,7 +143,7 @@ class UnetUp(nn.Module):
     def setup(self):
         self.model = [
             ConvTranspose(self.out_channels, self.upscale, self.extra_dim, fast=self.fast, dtype=self.dtype),
-            ConvBlock(self.out_channels, self.conv, self.dtype),
+            ConvBlock(self.out_channels, self.conv, self.dtype, self.fast),
         ]
 
     def __call__(self, x, skip):
@@ -155,7 +159,7 @@ class Decoder(nn.Module):
 
     def setup(self):
         # The first decoder layer has no skip connection.
-        self.up1 = [ConvTranspose(128, 3, fast=self.fast, dtype=self.dtype), group_norm(self.dtype), nn.relu]
+        self.up1 = [ConvTranspose(128, 3, fast=self.fast, dtype=self.dtype), group_norm(self.dtype, self.fast), nn.relu]
         self.up2 = UnetUp(128, upscale=2, extra_dim=1, fast=self.fast, conv=self.conv, dtype=self.dtype)
         self.up3 = UnetUp(64, upscale=2, fast=self.fast, conv=self.conv, dtype=self.dtype)
         self.up4 = UnetUp(64, upscale=2, fast=self.fast, conv=self.conv, dtype=self.dtype)
