@@ -119,9 +119,14 @@ class ConvTranspose(nn.Module):
         x_BxHxWxI, kernel_KxKxOxI, bias_O = nn.dtypes.promote_dtype(x_BxHxWxI, kernel_KxKxOxI, bias_O, dtype=self.dtype)
 
         if self.fast:
+            # One plain (pixels, in) @ (in, k*k*out) matmul, then the depth-to-space as its own
+            # transpose: an einsum straight into the interleaved layout leaves XLA:CPU operands
+            # the matrix library does not take, and the copies it adds to the gradients cost
+            # more than the matmuls.
             b, h, w, _ = x_BxHxWxI.shape
-            patches = jnp.einsum("bhwi,acoi->bhawco", x_BxHxWxI, kernel_KxKxOxI)
-            y = patches.reshape(b, h * k, w * k, self.features)
+            kernel_IxKKO = kernel_KxKxOxI.transpose(3, 0, 1, 2).reshape(in_features, k * k * self.features)
+            patches = (x_BxHxWxI.reshape(b * h * w, in_features) @ kernel_IxKKO).reshape(b, h, w, k, k, self.features)
+            y = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * k, w * k, self.features)
             y = jnp.pad(y, ((0, 0), (0, pad), (0, pad), (0, 0)))
         else:
             # lax.conv_transpose pads the stride-dilated input; torch's size (H-1)*s + k + p
