@@ -203,6 +203,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored["params"]))
 
 
+def test_non_finite_gradients_with_a_finite_loss_stop_the_run_too(tmp_path, monkeypatch):
+    def finite_loss_infinite_gradients(model_fn, schedule, x0, t_B, noise):
+        return jnp.sqrt(0.0 * jnp.sum(model_fn(x0, t_B / schedule.n_T)))  # 0, and d sqrt(u)/du at 0 is infinite
+
+    workdir = str(tmp_path / "run")
+    train(Config(workdir=workdir, steps=2, ckpt_every=2, **TINY))
+    monkeypatch.setattr(step_module, "noise_prediction_loss", finite_loss_infinite_gradients)
+    with pytest.raises(FloatingPointError, match=r"^non-finite gradients and parameters at step 2 \(loss -?0\); "):
+        train(Config(workdir=workdir, steps=6, ckpt_every=2, **TINY))
+    assert _params(workdir)["step"] == 2
+
+
 def test_incompatible_workdir_is_refused_and_untouched(tmp_path):
     workdir = str(tmp_path / "run")
     train(Config(workdir=workdir, steps=2, ckpt_every=0, **TINY))
