@@ -1,10 +1,13 @@
-"""python -m benchmarks.profile: where one device's train step spends its time, by kind of XLA op.
+"""python -m benchmarks.profile: where one device's train step spends its time, by kind of XLA op and by layer.
 
 Runs the trainer's jitted program (``--steps-per-dispatch`` steps per dispatch) under
 ``jax.profiler`` on one device and sums the executed XLA ops by kind: library-fused
 convolutions and matmuls, layout copies, elementwise and reduction fusions,
-concatenations. It also counts the process's minor page faults per step: memory touched
-for the first time, which a program that gets fresh buffers each dispatch pays again.
+concatenations; and by the model layer whose code made them (the compiled program's op
+metadata names the Flax module path), forward and backward apart. Loops and conditionals
+are left out of the sums: the ops inside them are counted themselves. It also counts the
+process's minor page faults per step: memory touched for the first time, which a program
+that gets fresh buffers each dispatch pays again.
 This is the measurement behind benchmarks/README.md's account of what bounds the train step on a CPU.
 """
 
@@ -18,10 +21,13 @@ import re
 import resource
 import tempfile
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from benchmarks.jax_bench import train_program
 from unet_jax import autotune, data
+from unet_jax.model import IMAGE_SHAPE, Unet
 
 # Executed ops are named after their HLO instruction; the name's stem says what kind it is.
 KINDS = (
@@ -33,6 +39,12 @@ KINDS = (
 )
 
 
+# Ops that only run others (a loop's body, a branch), which the trace also times one by one.
+CONTAINERS = ("while", "conditional", "call")
+OUTSIDE_MODEL = "outside the model: data, loss, all-reduce, Adam, EMA"
+NOT_AN_OP = "the runtime's own work and waits (no op of the program)"
+
+
 def kind_of(op_name: str) -> str:
     for kind, pattern in KINDS:
         if re.search(pattern, op_name):
@@ -40,14 +52,53 @@ def kind_of(op_name: str) -> str:
     return "other"
 
 
-def profile_step(batch: int, steps_per_dispatch: int, dispatches: int, trace_dir: str, conv="auto") -> int:
-    """Trace ``dispatches`` programs of ``steps_per_dispatch`` steps; returns the minor page faults in them."""
+def instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Instruction name -> (opcode, the JAX op_name in its metadata) of a compiled program's text."""
+    found = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(", line)  # the type may be a tuple
+        if m:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            found[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+    return found
+
+
+def model_layers() -> dict[str, str]:
+    """Every module path of the Unet ('encoder/down1/model_0/block_0') -> its class name."""
+    layers = {}
+
+    def record(next_fun, args, kwargs, context):
+        layers["/".join(context.module.path)] = type(context.module).__name__
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(Unet().init, jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)), jnp.zeros((1,)))
+    return layers
+
+
+def layer_of(op_name: str, layers: dict[str, str]) -> tuple[str, str]:
+    """(the innermost module path in ``op_name``, 'forward' or 'backward'); outside the Unet, OUTSIDE_MODEL."""
+    m = re.search(r"Unet(?:\.\w+)?/(.*)", op_name)
+    if not m:
+        return OUTSIDE_MODEL, ""
+    parts, path = m.group(1).split("/"), ""
+    for i in range(len(parts), 0, -1):
+        if "/".join(parts[:i]) in layers:
+            path = "/".join(parts[:i])
+            break
+    return path, "backward" if "transpose(jvp(" in op_name else "forward"
+
+
+def profile_step(batch: int, steps_per_dispatch: int, dispatches: int, trace_dir: str, conv="auto") -> tuple[int, str]:
+    """Trace ``dispatches`` programs of ``steps_per_dispatch`` steps; returns the minor page faults in
+    them and the compiled program's text."""
     mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
     conv = autotune.resolve(conv, batch, "train", mesh=mesh)
     print(f"3x3 conv lowerings: {conv.describe()}")
     program, (state, acc, images, keys) = train_program(data.load_bundled("train").images, batch, "float32", mesh,
                                                         steps_per_dispatch, conv)
-    for _ in range(2):  # compile and warm up outside the trace
+    program = program.lower(state, acc, images, keys).compile()
+    for _ in range(2):  # warm up outside the trace
         state, acc = program(state, acc, images, keys)
     jax.block_until_ready(acc)
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -57,19 +108,23 @@ def profile_step(batch: int, steps_per_dispatch: int, dispatches: int, trace_dir
         jax.block_until_ready(acc)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     jax.profiler.stop_trace()
-    return faults
+    return faults, program.as_text()
 
 
-def op_times(trace_dir: str) -> collections.Counter:
-    """Microseconds per executed XLA op, summed over the trace."""
+def op_times(trace_dir: str, program: dict[str, tuple[str, str]] | None = None) -> collections.Counter:
+    """Microseconds per executed XLA op, summed over the trace (an asynchronous op's "end: NAME"
+    under NAME); with ``program`` (``instructions``), its loops and conditionals are left out,
+    since the ops inside them are timed too."""
     (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
     times = collections.Counter()
     for event in events:
-        name = event.get("name", "")
+        name = event.get("name", "").removeprefix("end: ")
         # Complete events; leave out Python frames ($...) and the executor's own spans.
         if event.get("ph") == "X" and not name.startswith(("$", "Thunk", "Pjit", "CommonPjRt", "Wait", "Parse")):
+            if program and program.get(name, ("", ""))[0] in CONTAINERS:
+                continue
             times[name] += event.get("dur", 0)
     return times
 
@@ -83,8 +138,9 @@ def main(argv=None) -> None:
     parser.add_argument("--top", type=int, default=10, help="also list this many of the slowest single ops")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as trace_dir:
-        faults = profile_step(args.batch, args.steps_per_dispatch, args.dispatches, trace_dir, args.conv)
-        times = op_times(trace_dir)
+        faults, hlo_text = profile_step(args.batch, args.steps_per_dispatch, args.dispatches, trace_dir, args.conv)
+        program = instructions(hlo_text)
+        times = op_times(trace_dir, program)
     steps = args.steps_per_dispatch * args.dispatches
     by_kind = collections.Counter()
     for name, micros in times.items():
@@ -97,10 +153,26 @@ def main(argv=None) -> None:
     print("|---|---|---|")
     for kind, micros in by_kind.most_common():
         print(f"| {kind} | {micros / steps / 1e3:.1f} | {100 * micros / total:.0f} % |")
-    print("\n| slowest ops | ms per step |")
-    print("|---|---|")
+    layers = model_layers()
+    def where(name):
+        return layer_of(program[name][1], layers) if name in program else (NOT_AN_OP, "")
+
+    by_layer = collections.defaultdict(collections.Counter)
+    for name, micros in times.items():
+        path, direction = where(name)
+        by_layer[path][direction] += micros
+    print("\n| layer | module | ms per step | forward | backward | share |")
+    print("|---|---|---|---|---|---|")
+    for path, split in sorted(by_layer.items(), key=lambda item: -item[1].total()):
+        if split.total() < 50 * steps:  # under 0.05 ms per step
+            continue
+        ms = {direction: f"{micros / steps / 1e3:.1f}" for direction, micros in split.items()}
+        print(f"| {path or 'Unet'} | {layers.get(path, '')} | {split.total() / steps / 1e3:.1f} | "
+              f"{ms.get('forward', '')} | {ms.get('backward', '')} | {100 * split.total() / total:.0f} % |")
+    print("\n| slowest ops | ms per step | layer |")
+    print("|---|---|---|")
     for name, micros in times.most_common(args.top):
-        print(f"| {name} | {micros / steps / 1e3:.1f} |")
+        print(f"| {name} | {micros / steps / 1e3:.1f} | {' '.join(where(name)).strip()} |")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -75,7 +76,7 @@ def test_conv_microbenchmark_prints_its_rows():
 
 def test_profile_sums_the_step_by_kind_of_op(tmp_path, warm_autotune_cache):
     env = warm_autotune_cache(tmp_path / "autotune", train="tapgrad", sample="xla")  # auto's plan, not measured
-    out = _run("benchmarks.profile", "--batch", "2", "--steps-per-dispatch", "2", "--dispatches", "1", "--top", "3",
+    out = _run("benchmarks.profile", "--batch", "2", "--steps-per-dispatch", "2", "--dispatches", "1", "--top", "1000",
                env=env)
     assert "3x3 conv lowerings: tapgrad" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and line.endswith("% |")]
@@ -83,3 +84,15 @@ def test_profile_sums_the_step_by_kind_of_op(tmp_path, warm_autotune_cache):
     # The convolutions are found (the trace format is read right).
     assert shares["library calls: convolutions, matmuls (and a few reductions)"] > 20
     assert "minor page faults" in out
+    # By layer: the op metadata names the modules, forward and backward apart, and every op is
+    # counted once (a loop's own time, which holds its body's ops, is left out).
+    layers = {row[0].lstrip("| "): row for row in (line.split(" | ") for line in out.splitlines())
+              if len(row) == 6 and row[-1].endswith("% |") and row[0] != "| layer"}
+    conv = layers["encoder/down1/model_0/block_0"]
+    assert conv[1] == "Conv3x3" and float(conv[3]) > 0 and float(conv[4]) > 0
+    assert layers["decoder/up4/model_1/block_1"][1] == "GroupNorm"
+    assert "outside the model: data, loss, all-reduce, Adam, EMA" in layers
+    total = float(re.search(r"per dispatch: ([\d.]+) ms of XLA ops", out).group(1))
+    assert sum(float(row[2]) for row in layers.values()) == pytest.approx(total, rel=0.05, abs=1)
+    slowest = out.split("| slowest ops |")[1]
+    assert "| ynn_fusion" in slowest and "| while" not in slowest  # the tap gradient's loop, left out
