@@ -15,6 +15,7 @@ from PIL import Image
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"  # the JAX trainer's
+TORCH_CHECKPOINT_FILE = "checkpoint.pt"  # the torch trainer's
 
 
 def identity_differences(saved: dict, identity: dict) -> list[str]:

@@ -225,6 +225,18 @@ def test_incompatible_workdir_is_refused_and_untouched(tmp_path):
     assert _params(workdir)["step"] == 2
 
 
+def test_a_torch_runs_workdir_is_refused_and_untouched(tmp_path):
+    workdir = tmp_path / "torch-run"  # as unet_torch.train leaves it
+    workdir.mkdir()
+    files = {"checkpoint.pt": "weights", "config.json": '{"lr": 0.002}', "metrics.jsonl": '{"step": 50}\n'}
+    for name, text in files.items():
+        (workdir / name).write_text(text)
+    with pytest.raises(SystemExit, match=r"^error: .*torch-run holds a torch training run \(its checkpoint.pt\); "
+                                         r"give the JAX trainer a --workdir of its own$"):
+        main(["--workdir", str(workdir), "--steps", "1", *TINY_FLAGS])
+    assert {p.name: p.read_text() for p in workdir.iterdir()} == files  # no folder made, nothing rewritten
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

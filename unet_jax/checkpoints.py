@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ddpm_recipe.errors import first_line
-from ddpm_recipe.run_folder import CHECKPOINT_DIR, CONFIG_FILE, identity_differences
+from ddpm_recipe.run_folder import CHECKPOINT_DIR, CONFIG_FILE, TORCH_CHECKPOINT_FILE, identity_differences
 from unet_jax.layers import ConvPlan
 
 CONV_PLAN_FILE = "conv_plan.json"
@@ -185,6 +185,14 @@ def has_checkpoints(workdir: str) -> bool:
         return mgr.latest_step() is not None
     finally:
         mgr.close()
+
+
+def refuse_a_torch_run(workdir: str) -> None:
+    """Raise if ``workdir`` is the torch trainer's run folder: training there would rewrite its
+    config.json and trim its metrics.jsonl to this run's steps."""
+    if os.path.exists(os.path.join(workdir, TORCH_CHECKPOINT_FILE)):
+        raise IncompatibleWorkdirError(f"{workdir} holds a torch training run (its {TORCH_CHECKPOINT_FILE}); give the "
+                                       "JAX trainer a --workdir of its own")
 
 
 def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -> None:

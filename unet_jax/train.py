@@ -121,6 +121,7 @@ def train(config: Config, *, adopt: bool = False) -> TrainState:
     primary = devices.is_primary()
     init_key, data_key, noise_key, sample_key = run_keys(config.seed)
     # Read --init-from before writing anything: a bad file must leave no trace in the workdir.
+    checkpoints.refuse_a_torch_run(config.workdir)
     initial = _initial_params(config, init_key) if not checkpoints.committed_steps(config.workdir) else None
     _prepare_workdir(config.workdir)
     lock, busy = None, None

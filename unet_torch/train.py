@@ -25,6 +25,7 @@ from ddpm_recipe.run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
+    TORCH_CHECKPOINT_FILE,
     identity_differences,
     save_grid,
     trim_metrics,
@@ -154,7 +155,7 @@ def train(config: Config) -> dict:
     ema.load_state_dict(model.state_dict())
     optimizer, scheduler = make_optimizer(model, config.lr, config.warmup_steps, config.decay_steps)
     start = 0
-    checkpoint_path = os.path.join(config.workdir, "checkpoint.pt")
+    checkpoint_path = os.path.join(config.workdir, TORCH_CHECKPOINT_FILE)
     _check_workdir(config, resuming=os.path.exists(checkpoint_path))
     if os.path.exists(checkpoint_path):
         try:
