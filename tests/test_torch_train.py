@@ -99,3 +99,28 @@ def test_torch_trainer_leaves_a_jax_run_alone_and_adopts_its_own_older_runs(tmp_
     main(["--workdir", workdir, "--steps", "2", *TORCH_TINY])
     assert "recording these flags as its settings" in capsys.readouterr().out
     assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 2
+
+
+def test_torch_trainer_says_in_one_line_what_it_cannot_use(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --batch-size 5000 exceeds the 4500 training images$"):
+        main(["--workdir", str(tmp_path / "big"), "--steps", "1", *TORCH_TINY, "--batch-size", "5000"])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"^error: cannot write to .*a-file/run/samples.* \(of --workdir .*\): "):
+        main(["--workdir", str(blocker / "run"), "--steps", "1", *TORCH_TINY])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"lr": 0.0')
+    with pytest.raises(SystemExit, match=r"^error: .*broken/config.json is not a readable record of the run's "):
+        main(["--workdir", str(broken), "--steps", "1", *TORCH_TINY])
+    assert (broken / "config.json").read_text() == '{"lr": 0.0'
+
+
+def test_torch_trainer_resumes_without_rereading_init_from(tmp_path):
+    weights = tmp_path / "start.pt"
+    torch.save(Unet().state_dict(), weights)
+    workdir = str(tmp_path / "torch")
+    main(["--workdir", workdir, "--steps", "1", "--init-from", str(weights), *TORCH_TINY])
+    weights.unlink()  # the run's own checkpoint holds its weights now
+    main(["--workdir", workdir, "--steps", "2", "--init-from", str(weights), *TORCH_TINY])
+    assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 2

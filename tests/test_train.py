@@ -19,6 +19,7 @@ from benchmarks.jax_bench import train_program
 from unet_jax import autotune, checkpoints, data
 from unet_jax import step as step_module
 from unet_jax import train as train_module
+from unet_jax.flags import build_parser, parse_config
 from unet_jax.layers import ConvPlan
 from unet_jax.model import Unet, conv_layers
 from unet_jax.train import Config, main, train
@@ -163,7 +164,10 @@ def test_resume_reuses_the_recorded_conv_lowerings(tmp_path, monkeypatch, capsys
     assert f"3x3 conv lowerings (as recorded in {workdir}): tapgrad" in capsys.readouterr().out
     # An explicit --conv overrides the record, and becomes the record. The program settings are recorded.
     train(Config(workdir=workdir, steps=6, ckpt_every=0, **(TINY | {"conv": "xla", "log_every": 1})))
-    assert "3x3 conv lowerings (--conv): xla" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3x3 conv lowerings (--conv): xla" in out
+    assert ("note: --conv xla replaces the 3x3 conv lowerings the run recorded (tapgrad), so from here the numbers "
+            "differ") in out
     assert checkpoints.read_conv_plan(workdir) == ConvPlan("xla")
     assert json.load(open(os.path.join(workdir, "config.json")))["program"]["log_every"] == 1
 
@@ -181,6 +185,9 @@ def test_a_resume_says_when_its_programs_differ_from_the_runs():
     assert changes(program(), program(steps_per_dispatch=1), 500, 4000) == ["steps-per-dispatch 5 -> 1"]
     assert changes(program(), program(devices=1), 500, 4000) == ["devices 2 -> 1"]
     assert changes(None, program(), 500, 4000) == []  # a run from before the record: nothing to compare
+    # A record edited by hand (0 steps per dispatch would never advance) is named, not looped over.
+    assert changes(program(steps_per_dispatch=0), program(), 500, 4000) == [
+        "the record of the run's device programs in its config.json is unreadable"]
 
 
 def test_a_corrupt_conv_record_is_refused_in_one_line(tmp_path):
@@ -201,6 +208,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     restored = _params(workdir)
     assert restored["step"] == 2
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(restored["params"]))
+
+
+def test_a_non_finite_step_stops_the_run_before_it_draws_samples(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(train_module, "_sample_and_plot", lambda *args: drawn.append(args[-1]))
+    monkeypatch.setattr(data, "to_model_range", lambda u8: u8.astype(jnp.float32) * jnp.nan)
+    # A sample is due at step 2, inside the log window of steps 1 to 4, with no checkpoint due.
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss, gradients and parameters at step 0 \(loss nan\); "
+                                                 r"stopping. No checkpoint of the run in .* was completed before it.$"):
+        train(Config(workdir=str(tmp_path / "run"), steps=4, ckpt_every=0,
+                     **(TINY | {"sample_every": 2, "log_every": 4})))
+    assert drawn == []
 
 
 def test_non_finite_gradients_with_a_finite_loss_stop_the_run_too(tmp_path, monkeypatch):
@@ -237,6 +256,16 @@ def test_a_torch_runs_workdir_is_refused_and_untouched(tmp_path):
     assert {p.name: p.read_text() for p in workdir.iterdir()} == files  # no folder made, nothing rewritten
 
 
+def test_a_workdir_whose_record_is_cut_short_is_refused_in_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"batch_size": 8, "lr"')
+    with pytest.raises(SystemExit, match=r"^error: .*run/config.json is not a readable record of the run's settings "
+                                         r"\(.*\); restore it, or use another --workdir$"):
+        main(["--workdir", str(workdir), "--steps", "1", *TINY_FLAGS])
+    assert (workdir / "config.json").read_text() == '{"batch_size": 8, "lr"'
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -250,6 +279,20 @@ def test_cli_errors_are_clear(tmp_path, capsys):
             main(["--workdir", str(tmp_path / "w"), *bad])
         assert info.value.code == 2, bad
     assert "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: --batch-size 5000 exceeds the 4500 training images$"):
+        main(["--workdir", str(tmp_path / "w"), "--steps", "1", *TINY_FLAGS, "--batch-size", "5000"])
+    assert not os.path.exists(tmp_path / "w" / "config.json")  # refused before the run was recorded
+
+
+def test_a_config_built_in_python_is_checked_as_the_flags_are():
+    for bad in ({"steps_per_dispatch": 0}, {"log_every": 0}, {"steps": 0}, {"batch_size": -3}, {"n_T": 0},
+                {"ckpt_every": -1}, {"steps": 2.5}, {"ema_decay": 1.0}, {"lr": 0.0}, {"sampler": "euler"},
+                {"dtype": "float16"}, {"sample_steps": 30, "n_T": 20}):
+        with pytest.raises(ValueError, match=f"Config[. ].*{next(iter(bad))}"):
+            Config(**bad)
+    # DDPM draws with all n_T steps: its --sample-steps is unused, so a short --n-T alone is a valid run.
+    assert Config(sampler="ddpm", n_T=50).sample_steps > 50
+    assert parse_config(build_parser(), ["--sampler", "ddpm", "--n-T", "50"])[0].n_T == 50
 
 
 def test_bfloat16_on_a_cpu_is_noted_for_what_xla_does_with_it():

@@ -24,7 +24,8 @@ LOCK_FILE = ".lock"
 
 
 class IncompatibleWorkdirError(RuntimeError):
-    """The workdir holds checkpoints of a run with other settings."""
+    """The workdir holds another run (one with other settings, or the torch trainer's), or an
+    unreadable record of its own."""
 
 
 class WorkdirBusyError(RuntimeError):
@@ -39,6 +40,10 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; the run stops rather than train on without one."""
 
 
+# What reading a trained run can raise on a user's workdir (sample, export and evaluate say it in one line).
+UNREADABLE_RUN = (FileNotFoundError, IncompatibleWorkdirError, NoReadableCheckpointError)
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
@@ -49,11 +54,20 @@ def manager(workdir: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
 
 
 def read_config(workdir: str) -> dict | None:
+    """The settings recorded in ``workdir``'s config.json; None if it has none."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:
+        raise IncompatibleWorkdirError(f"{path} is not a readable record of the run's settings ({error}); "
+                                       "restore it, or use another --workdir") from None
+    if not isinstance(config, dict):
+        raise IncompatibleWorkdirError(f"{path} is not a record of the run's settings (it holds a "
+                                       f"{type(config).__name__}, not an object); restore it, or use another --workdir")
+    return config
 
 
 def write_config(workdir: str, config: dict) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from ddpm_recipe.settings import SAMPLERS, finite, positive, seed
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.diffusion import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
 from unet_jax.layers import conv_same_tapgrad, max_pool
@@ -128,6 +129,14 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
 
 
+class ClassifierCacheError(RuntimeError):
+    """The trained classifier cannot be kept in its cache folder."""
+
+    @classmethod
+    def of(cls, cache_dir: str, error: OSError) -> "ClassifierCacheError":
+        return cls(f"cannot write the classifier cache {cache_dir}: {error.strerror or error}")
+
+
 def load_or_train_classifier(source: str, cache_dir: str, *, epochs: int | None = None):
     """The classifier for ``source``'s training digits: from the cache, else trained and cached."""
     train, held_out = data.load(source, "train"), data.load(source, "test")
@@ -141,13 +150,18 @@ def load_or_train_classifier(source: str, cache_dir: str, *, epochs: int | None 
         with open(info_path) as f:
             held_out_accuracy = json.load(f)["held_out_accuracy"]
         return params, held_out_accuracy, held_out
+    try:  # before the training, which takes a minute or two: a cache that cannot be written says so first
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as error:
+        raise ClassifierCacheError.of(cache_dir, error) from None
     params = train_classifier(train, epochs=epochs)
     held_out_accuracy = accuracy(params, held_out)
-    os.makedirs(cache_dir, exist_ok=True)
-    # Each file atomically, the weights last: weights on disk mean their record is there too.
-    _write_atomically(info_path, json.dumps({"held_out_accuracy": held_out_accuracy, "epochs": epochs,
-                                             "train_images": len(train.labels)}).encode())
-    _write_atomically(path, serialization.to_bytes(params))
+    try:  # each file atomically, the weights last: weights on disk mean their record is there too
+        _write_atomically(info_path, json.dumps({"held_out_accuracy": held_out_accuracy, "epochs": epochs,
+                                                 "train_images": len(train.labels)}).encode())
+        _write_atomically(path, serialization.to_bytes(params))
+    except OSError as error:
+        raise ClassifierCacheError.of(cache_dir, error) from None
     return params, held_out_accuracy, held_out
 
 
@@ -201,15 +215,16 @@ def main(argv=None) -> None:
     parser.add_argument("--torch-checkpoint", default=None,
                         help="evaluate this torch state_dict instead (ported, sampled by the same JAX sampler); "
                              "the report goes beside it, as NAME.eval.json")
-    parser.add_argument("--n-T", type=int, default=None, dest="n_T",
+    parser.add_argument("--n-T", type=positive(int), default=None, dest="n_T",
                         help=f"diffusion steps T the torch checkpoint was trained with (its run's --n-T; default {N_T})")
-    parser.add_argument("--data", default=None, help="'bundled' or a torchvision root (default: the run's own data)")
+    parser.add_argument("--data", default=None, help="'bundled' or a torchvision root (default: the run's own data; "
+                                                     "with --torch-checkpoint, bundled)")
     parser.add_argument("--classifier-dir", default="runs/classifier", help="cache of trained classifiers")
     parser.add_argument("--num", type=int, default=1000, help="samples to draw")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=DEFAULT_SAMPLER)
-    parser.add_argument("--sample-steps", type=int, default=DEFAULT_SAMPLE_STEPS)
-    parser.add_argument("--eta", type=float, default=DEFAULT_ETA)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER)
+    parser.add_argument("--sample-steps", type=positive(int), default=DEFAULT_SAMPLE_STEPS)
+    parser.add_argument("--eta", type=finite, default=DEFAULT_ETA)
+    parser.add_argument("--seed", type=seed, default=0)
     autotune.add_conv_flag(parser)
     parser.add_argument("--raw", action="store_true",
                         help="evaluate the raw weights instead of the EMA (writes eval_raw.json, eval_raw_samples.png)")
@@ -220,11 +235,8 @@ def main(argv=None) -> None:
         parser.error("--raw applies to a workdir's checkpoint; a torch state_dict holds one set of weights")
     if args.n_T is not None and not args.torch_checkpoint:
         parser.error("--n-T is for --torch-checkpoint; a workdir records its own n_T")
-    if args.n_T is not None and args.n_T < 1:
-        parser.error("--n-T must be at least 1")
 
-    config = checkpoints.read_config(args.workdir) or {}
-    source = args.data or config.get("data", data.BUNDLED)
+    config = {}  # a torch checkpoint's run is not recorded anywhere: its data is --data, or the bundled digits
     try:
         if args.torch_checkpoint:
             from parity import CheckpointMismatchError, WeightsFileError, torch_to_flax
@@ -238,11 +250,15 @@ def main(argv=None) -> None:
         else:
             config, restored = checkpoints.restore_latest_params(args.workdir)
             params, n_T = restored["params" if args.raw else "ema_params"], config["n_T"]
-    except (FileNotFoundError, checkpoints.NoReadableCheckpointError) as error:
+    except checkpoints.UNREADABLE_RUN as error:
         raise SystemExit(f"error: {error}") from None
     if args.sampler == "ddim" and args.sample_steps > n_T:
         raise SystemExit(f"error: --sample-steps {args.sample_steps} exceeds n_T {n_T}")
-    classifier, held_out_accuracy, held_out = load_or_train_classifier(source, args.classifier_dir)
+    try:
+        source = args.data or config.get("data", data.BUNDLED)
+        classifier, held_out_accuracy, held_out = load_or_train_classifier(source, args.classifier_dir)
+    except (data.MnistError, ClassifierCacheError) as error:
+        raise SystemExit(f"error: {error}") from None
     samples = generate_on_local_devices(params, jax.random.key(args.seed), num=args.num, sampler=args.sampler,
                                         steps=args.sample_steps, n_T=n_T, eta=args.eta, conv=args.conv,
                                         dtype="float32" if args.torch_checkpoint else config.get("dtype", "float32"))

@@ -9,6 +9,7 @@ starts from, so that ``python -m unet_torch.train --init-from`` can start from t
 import argparse
 import os
 
+from ddpm_recipe.settings import seed
 from ddpm_recipe.weights import TorchNotInstalledError, import_torch
 from unet_jax import checkpoints
 
@@ -51,7 +52,7 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", default="runs/default")
     parser.add_argument("--out", required=True, help="model.pt, model.pth or model.safetensors")
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
-    parser.add_argument("--init-seed", type=int, default=None,
+    parser.add_argument("--init-seed", type=seed, default=None,
                         help="export the initial weights of a training run with this --seed (no workdir needed)")
     args = parser.parse_args(argv)
     if not args.out.endswith((".pt", ".pth", ".safetensors")):
@@ -62,8 +63,10 @@ def main(argv=None) -> None:
             print(f"wrote the initial weights of a training run with --seed {args.init_seed} to {args.out}")
             return
         step = export(args.workdir, args.out, raw=args.raw)
-    except (FileNotFoundError, checkpoints.NoReadableCheckpointError, TorchNotInstalledError) as error:
+    except (*checkpoints.UNREADABLE_RUN, TorchNotInstalledError) as error:
         raise SystemExit(f"error: {error}") from None
+    except OSError as error:  # FileNotFoundError, of a missing run, is answered above
+        raise SystemExit(f"error: cannot write {args.out}: {error.strerror or error}") from None
     print(f"wrote the {'raw' if args.raw else 'EMA'} weights of {args.workdir} at step {step} to {args.out}")
 
 

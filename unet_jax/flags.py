@@ -14,6 +14,14 @@ from unet_jax import autotune, devices
 DESCRIPTION = "DDPM training of the tutorial UNet in JAX: ``python -m unet_jax.train``."
 
 
+def address(text: str) -> str:
+    """HOST:PORT (an IPv6 host in brackets), the port a number from 1 to 65535."""
+    host, _, port = text.rpartition(":")
+    if not (host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port from 1 to 65535, got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The flags both trainers share (``ddpm_recipe.settings``), and those only JAX has."""
     d = Config()
@@ -25,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K train steps in one device program (default %(default)s; compile time grows with K)")
     g = p.add_argument_group("multi-process runs",
                              "every process runs the same command; see benchmarks/README.md, Scaling out")
-    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address, reachable by all")
+    g.add_argument("--coordinator", type=address, default=None, metavar="HOST:PORT",
+                   help="process 0's address, reachable by all")
     g.add_argument("--num-processes", type=positive(int), default=None)
     g.add_argument("--process-id", type=non_negative, default=None)
     g.add_argument("--distributed", action="store_true",

@@ -13,6 +13,7 @@ import numpy as np
 
 from ddpm_recipe.run_folder import save_grid, to_uint8  # noqa: F401 (part of this module's API)
 from ddpm_recipe.schedule import linear_schedule
+from ddpm_recipe.settings import SAMPLERS, finite, positive, seed
 from unet_jax import autotune, checkpoints, devices
 from unet_jax.diffusion import (
     DEFAULT_CLIP_X0,
@@ -70,25 +71,22 @@ def main(argv=None) -> None:
     devices.use_all_cpu_cores()
     parser = argparse.ArgumentParser(prog="python -m unet_jax.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/default")
-    parser.add_argument("--num", type=int, default=64)
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=DEFAULT_SAMPLER)
-    parser.add_argument("--sample-steps", type=int, default=DEFAULT_SAMPLE_STEPS, help="DDIM steps (DDPM always takes n_T)")
-    parser.add_argument("--eta", type=float, default=DEFAULT_ETA, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--num", type=positive(int), default=64)
+    parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER)
+    parser.add_argument("--sample-steps", type=positive(int), default=DEFAULT_SAMPLE_STEPS,
+                        help="DDIM steps (DDPM always takes n_T)")
+    parser.add_argument("--eta", type=finite, default=DEFAULT_ETA, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--no-clip-x0", action="store_true", help="do not clip the predicted x0 to [-1, 1] each step")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--out", default=None, help="output prefix (default WORKDIR/samples/final)")
     autotune.add_conv_flag(parser)
     args = parser.parse_args(argv)
-    if args.num < 1:
-        parser.error("--num must be at least 1")
-    if args.sample_steps < 1:
-        parser.error("--sample-steps must be at least 1")
     if not os.path.isdir(args.workdir):
         raise SystemExit(f"error: no workdir at {args.workdir}: give the --workdir of a training run")
     try:
         config, restored = checkpoints.restore_latest_params(args.workdir)
-    except (FileNotFoundError, checkpoints.NoReadableCheckpointError) as error:
+    except checkpoints.UNREADABLE_RUN as error:
         raise SystemExit(f"error: {error}") from None
     if args.sampler == "ddim" and args.sample_steps > config["n_T"]:
         raise SystemExit(f"error: --sample-steps {args.sample_steps} exceeds the run's n_T {config['n_T']}")
@@ -97,8 +95,11 @@ def main(argv=None) -> None:
                                        n_T=config["n_T"], eta=args.eta, clip_x0=not args.no_clip_x0, conv=args.conv,
                                        dtype=config.get("dtype", "float32"))
     out = args.out or os.path.join(args.workdir, "samples", "final")
-    save_grid(images, out + ".png")
-    np.save(out + ".npy", np.asarray(images))
+    try:
+        save_grid(images, out + ".png")
+        np.save(out + ".npy", np.asarray(images))
+    except OSError as error:
+        raise SystemExit(f"error: cannot write {out}.png and {out}.npy: {error.strerror or error}") from None
     print(f"wrote {args.num} samples ({args.sampler}, step {restored['step']}) to {out}.png and {out}.npy")
 
 

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from ddpm_recipe.schedule import Schedule
-from ddpm_recipe.settings import PROGRAM, Config
+from ddpm_recipe.settings import PROGRAM, Config, SettingsError
 from unet_jax import data
 from unet_jax.diffusion import draw_timesteps_and_noise, noise_prediction_loss
 from unet_jax.layers import as_plan
@@ -272,6 +272,10 @@ def program_changes(recorded: dict | None, program: dict, start: int, steps: int
             step += sizes[-1]
         return sizes
 
-    if dispatches(recorded) != dispatches(program):
+    try:
+        before = dispatches(recorded)
+    except (SettingsError, TypeError):  # a config.json edited by hand
+        return changed + ["the record of the run's device programs in its config.json is unreadable"]
+    if before != dispatches(program):
         changed += [f"{k.replace('_', '-')} {recorded[k]} -> {program[k]}" for k in PROGRAM if recorded[k] != program[k]]
     return changed

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ddpm_recipe.errors import first_line
 from ddpm_recipe.run_folder import METRICS_FILE, save_grid, trim_metrics
 from ddpm_recipe.schedule import linear_schedule
-from ddpm_recipe.settings import IDENTITY, PROGRAM, Config
+from ddpm_recipe.settings import IDENTITY, PROGRAM, Config, SettingsError, check_batch_fits
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.flags import build_parser, parse_config
 from unet_jax.layers import ConvPlan
@@ -144,13 +144,13 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
     primary = devices.is_primary()
     init_key, data_key, noise_key, sample_key = run_key_set
     images = data.load(config.data, "train")
-    if len(images.images) < config.batch_size:
-        raise SystemExit(f"error: --batch-size {config.batch_size} exceeds the {len(images.images)} training images")
+    check_batch_fits(config.batch_size, len(images.images))
     mesh = devices.training_mesh(config.batch_size)
     mgr = checkpoints.manager(config.workdir)
     try:
         recorded_program, program = _claim_workdir(config, adopt, images, mesh, mgr)
-        model = Unet(conv=_conv_plan(config, mesh), dtype=COMPUTE_DTYPES[config.dtype])
+        plan = _conv_plan(config, mesh, resuming=mgr.latest_step() is not None)
+        model = Unet(conv=plan, dtype=COMPUTE_DTYPES[config.dtype])
         tx = make_optimizer(config)
         state = _restore(config, mgr, functools.partial(_fresh_state, initial, tx=tx), init_key, mesh,
                          recorded_program, program)
@@ -197,11 +197,14 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
             if due(config.log_every, step, config.steps):
                 metrics.end_window(step, acc)
                 acc = replicate(new_accumulator(acc))  # fresh buffers: the ended window is read later
-            if due(config.ckpt_every, step, config.steps):
+            checkpoint = due(config.ckpt_every, step, config.steps)
+            sample = due(config.sample_every, step, config.steps)
+            if checkpoint or sample:  # never save, nor draw from, parameters that a non-finite step produced
                 metrics.write_pending()
-                _stop_if_nonfinite(devices.fetch(acc), saves)  # never save parameters that a non-finite step produced
+                _stop_if_nonfinite(devices.fetch(acc), saves)
+            if checkpoint:
                 saves.save(step, state)
-            if due(config.sample_every, step, config.steps):
+            if sample:
                 _sample_and_plot(config, model, state, mesh, sample_key, step)
         saves.confirm()
     except (jax.errors.JaxRuntimeError, ValueError) as error:
@@ -310,8 +313,10 @@ def _stop_if_nonfinite(host_acc: dict, saves: checkpoints.ConfirmedSaves) -> Non
     """Stop the run at a window with a non-finite step: its parameters are never saved."""
     if host_acc["first_bad_step"] >= 0:
         saves.wait()
-        raise FloatingPointError(f"{describe_nonfinite(host_acc)}; stopping. The last complete checkpoint in "
-                                 f"{saves.workdir} is {saves.last_committed()}, and it is kept.")
+        kept = saves.last_committed()
+        raise FloatingPointError(f"{describe_nonfinite(host_acc)}; stopping. " + (
+            f"The last complete checkpoint in {saves.workdir} is {kept}, and it is kept." if kept.startswith("step")
+            else f"No checkpoint of the run in {saves.workdir} was completed before it."))
 
 
 class _MetricsLog:
@@ -365,23 +370,36 @@ def _is_lost_peer(error: Exception) -> bool:
     return any(marker in text for marker in _LOST_PEER_MARKERS)
 
 
-def _conv_plan(config: Config, mesh) -> ConvPlan:
+def _conv_plan(config: Config, mesh, *, resuming: bool) -> ConvPlan:
     """The run's 3x3 conv lowerings: with --conv auto, those the workdir recorded, so that a resumed
-    run computes bit for bit what it would have; else measured (or cached) for this machine."""
+    run computes bit for bit what it would have; else measured (or cached) for this machine, and
+    a resume that changes them is told that its numbers will differ."""
     recorded = checkpoints.read_conv_plan(config.workdir) if config.conv == "auto" else None
     if recorded is not None:
         plan, source = recorded, f"as recorded in {config.workdir}"
     else:
+        replaced = _recorded_conv_plan_if_readable(config.workdir) if resuming else None
         local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
         local_mesh = jax.sharding.Mesh(np.array(local), ("data",))
         log = print if devices.is_primary() else (lambda *_: None)
         plan = autotune.resolve(config.conv, config.batch_size // mesh.devices.size, "train", mesh=local_mesh, log=log)
         plan = autotune.agree_across_processes(plan)
         source = "autotuned for this machine" if config.conv == "auto" else "--conv"
+        if replaced is not None and replaced != plan and devices.is_primary():
+            print(f"note: --conv {config.conv} replaces the 3x3 conv lowerings the run recorded "
+                  f"({replaced.describe()}), so from here the numbers differ from an uninterrupted run's by float32 rounding (resume with "
+                  "--conv auto to keep it bit-identical)")
     if devices.is_primary():
         print(f"3x3 conv lowerings ({source}): {plan.describe()}")
         checkpoints.write_conv_plan(config.workdir, plan)
     return plan
+
+
+def _recorded_conv_plan_if_readable(workdir: str) -> ConvPlan | None:
+    try:
+        return checkpoints.read_conv_plan(workdir)
+    except checkpoints.IncompatibleWorkdirError:  # an explicit --conv is the way past a damaged record
+        return None
 
 
 def _sample_and_plot(config: Config, model: Unet, state: TrainState, mesh, key, step: int) -> None:
@@ -415,7 +433,7 @@ def download_once(root: str) -> None:
 # A user's mistake or a fault the run cannot go on from: one line, no traceback.
 USER_ERRORS = (data.MnistError, checkpoints.IncompatibleWorkdirError, checkpoints.WorkdirBusyError,
                checkpoints.NoReadableCheckpointError, devices.BatchSplitError, devices.RollCallError,
-               FloatingPointError, WorkdirError, InitFromError, checkpoints.CheckpointSaveError)
+               FloatingPointError, WorkdirError, InitFromError, checkpoints.CheckpointSaveError, SettingsError)
 
 
 def main(argv=None) -> None:

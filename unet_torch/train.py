@@ -31,7 +31,7 @@ from ddpm_recipe.run_folder import (
     trim_metrics,
 )
 from ddpm_recipe.schedule import Schedule, linear_schedule
-from ddpm_recipe.settings import IDENTITY, Config, build_parser, parse_flags
+from ddpm_recipe.settings import IDENTITY, Config, SettingsError, build_parser, check_batch_fits, parse_flags
 from ddpm_recipe.weights import CheckpointMismatchError, WeightsFileError, check_floating
 from unet_torch.diffusion import ddim_sample, ddpm_sample, noise_prediction_loss
 from unet_torch.model import Unet
@@ -96,8 +96,7 @@ def _loader(config, generator):
 
         digits.load_torchvision_root(config.data, "train")  # the same clear errors as the JAX side
         dataset = MNIST(config.data, train=True, download=False, transform=TRANSFORM)
-    if len(dataset) < config.batch_size:
-        raise SystemExit(f"error: --batch-size {config.batch_size} exceeds the {len(dataset)} training images")
+    check_batch_fits(config.batch_size, len(dataset))
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=generator)
 
 
@@ -109,6 +108,14 @@ def _identity(config: Config) -> dict:
     return {k: getattr(config, k) for k in IDENTITY}
 
 
+def _make_workdir(workdir: str) -> None:
+    folder = os.path.join(workdir, "samples")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise TorchRunError(f"cannot write to {folder!r} (of --workdir {workdir}): {error.strerror or error}") from None
+
+
 def _check_workdir(config, resuming: bool) -> None:
     """As the JAX trainer: a workdir of another run (other settings, or the JAX trainer's) is refused,
     never resumed or overwritten. A checkpoint.pt from before runs recorded their settings is adopted."""
@@ -116,7 +123,11 @@ def _check_workdir(config, resuming: bool) -> None:
     if os.path.isdir(os.path.join(config.workdir, CHECKPOINT_DIR)):
         raise TorchRunError(f"{config.workdir} holds a JAX training run (its {CHECKPOINT_DIR}/ folder); give the torch "
                             "trainer a --workdir of its own")
-    saved = json.load(open(path)) if os.path.exists(path) else None
+    try:
+        saved = _read_json(path) if os.path.exists(path) else None
+    except (OSError, ValueError) as error:
+        raise TorchRunError(f"{path} is not a readable record of the run's settings ({error}); move it away, or use "
+                            "another --workdir") from None
     if saved is None and resuming:
         print(f"note: {config.workdir} has checkpoint.pt but no {CONFIG_FILE}: recording these flags as its settings")
     differences = identity_differences(saved, _identity(config)) if saved is not None else []
@@ -129,6 +140,11 @@ def _check_workdir(config, resuming: bool) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def _not_finite(model) -> list[str]:
     """Which of the gradients and parameters hold a NaN or an infinity, after a step."""
     params = list(model.parameters())
@@ -138,12 +154,13 @@ def _not_finite(model) -> list[str]:
 
 def train(config: Config) -> dict:
     """Train ``config`` eagerly; returns the EMA state_dict."""
-    os.makedirs(os.path.join(config.workdir, "samples"), exist_ok=True)
+    checkpoint_path = os.path.join(config.workdir, TORCH_CHECKPOINT_FILE)
+    resuming = os.path.exists(checkpoint_path)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     schedule = linear_schedule(config.n_T)
     model = Unet()
-    if config.init_from:
+    if config.init_from and not resuming:  # a resumed run's weights are its checkpoint's, wherever --init-from is now
         state_dict = load_state_dict(config.init_from)
         try:
             model.load_state_dict(state_dict, strict=True)
@@ -155,9 +172,9 @@ def train(config: Config) -> dict:
     ema.load_state_dict(model.state_dict())
     optimizer, scheduler = make_optimizer(model, config.lr, config.warmup_steps, config.decay_steps)
     start = 0
-    checkpoint_path = os.path.join(config.workdir, TORCH_CHECKPOINT_FILE)
-    _check_workdir(config, resuming=os.path.exists(checkpoint_path))
-    if os.path.exists(checkpoint_path):
+    _make_workdir(config.workdir)  # after --init-from is read: a bad file leaves no folder behind
+    _check_workdir(config, resuming=resuming)
+    if resuming:
         try:
             saved = load_state_dict(checkpoint_path)
         except WeightsFileError as error:
@@ -236,7 +253,7 @@ def main(argv=None) -> None:
         if options["download"]:
             digits.download(config.data)
         train(config)
-    except (digits.MnistError, WeightsFileError, CheckpointMismatchError, TorchRunError) as error:
+    except (digits.MnistError, WeightsFileError, CheckpointMismatchError, TorchRunError, SettingsError) as error:
         message = error.one_line() if isinstance(error, CheckpointMismatchError) else str(error)
         raise SystemExit(f"error: {message}") from None
 
