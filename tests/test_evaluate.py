@@ -138,6 +138,13 @@ def test_evaluate_without_a_model_says_so(classifier, tmp_path):
 def test_evaluate_says_in_one_line_what_data_or_cache_it_cannot_use(classifier, trained, tmp_path):
     with pytest.raises(SystemExit, match=r"^error: no MNIST at .*missing"):
         _evaluate(classifier, trained, "--data", str(tmp_path / "missing"))
+    with pytest.raises(SystemExit, match=r"^error: --sample-steps 30 exceeds n_T 20$"):
+        evaluate.main(["--workdir", trained, "--classifier-dir", classifier[3], "--sample-steps", "30"])
+    pt = str(tmp_path / "model.pt")
+    export.export(trained, pt)
+    (tmp_path / "model.eval.json").mkdir()  # where the report would go
+    with pytest.raises(SystemExit, match=r"^error: cannot write the report .*model.eval.json: "):
+        _evaluate(classifier, trained, "--torch-checkpoint", pt, "--n-T", "20")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(SystemExit, match=r"^error: cannot write the classifier cache .*a-file/classifiers: "):
@@ -159,6 +166,9 @@ def test_evaluate_refuses_fewer_than_two_samples_and_raw_torch_weights(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--raw", "--torch-checkpoint", "model.pt"])
     assert "--raw applies to a workdir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--n-T", "20"])
+    assert "--n-T is for --torch-checkpoint; a workdir records its own n_T" in capsys.readouterr().err
 
 
 def _blur(images, radius):

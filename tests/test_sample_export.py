@@ -57,6 +57,8 @@ def test_sample_and_export_say_in_one_line_what_they_cannot_read_or_write(workdi
     for suffix in (".pt", ".safetensors"):
         with pytest.raises(SystemExit, match=rf"^error: cannot write .*a-file/model{suffix}: "):
             export.main(["--workdir", workdir, "--out", str(blocker / ("model" + suffix))])
+    with pytest.raises(SystemExit, match=r"^error: --sample-steps 30 exceeds the run's n_T 20$"):
+        sample.main(["--workdir", workdir, "--sample-steps", "30"])
     broken = tmp_path / "broken"  # the run, with its record of its settings cut short
     shutil.copytree(workdir, broken)
     (broken / "config.json").write_text('{"n_T": 2')
