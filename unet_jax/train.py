@@ -219,9 +219,10 @@ def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
 
 
 def _dtype_note(dtype: str, backend: str) -> str | None:
-    """What a user asking for bfloat16 on a CPU should know: XLA:CPU converts bfloat16 dots and
-    convolutions to float32 and back, so the run is slower than in float32 on every CPU measured,
-    AMX and AVX512-BF16 ones included."""
+    """What a user asking for bfloat16 on a CPU should know: XLA:CPU converts bfloat16 convolutions,
+    and dots with a bfloat16 result, to float32 and back, so the run is slower than in float32 on
+    every CPU measured, AMX and AVX512-BF16 ones included (where only a dot with a float32 result
+    runs on AMX, and the convolutions built of such dots are bound by their copies)."""
     if dtype == "bfloat16" and backend == "cpu":
         return ("note: --dtype bfloat16 on a CPU: XLA computes its matmuls and convolutions in float32 there, "
                 "so this run is slower than --dtype float32 (benchmarks/README.md, Speed against torch)")
