@@ -244,6 +244,19 @@ def test_incompatible_workdir_is_refused_and_untouched(tmp_path):
     assert _params(workdir)["step"] == 2
 
 
+def test_the_same_digits_from_a_moved_data_folder_are_the_same_run(tmp_path):
+    class HasCheckpoints:
+        def latest_step(self):
+            return 500
+
+    checkpoints.write_config(str(tmp_path), {"data": "/old/mnist", "data_fingerprint": "d9527010a4dc7a1f", "lr": 0.002})
+    moved = {"data": "/new/mnist", "data_fingerprint": "d9527010a4dc7a1f", "lr": 0.002}
+    checkpoints.check_compatible(str(tmp_path), moved, HasCheckpoints())  # resumes
+    with pytest.raises(checkpoints.IncompatibleWorkdirError, match=r"data: the workdir has '/old/mnist'.*\n.*"
+                                                                  r"data_fingerprint: the workdir has 'd9527010a4dc7a1f'"):
+        checkpoints.check_compatible(str(tmp_path), moved | {"data_fingerprint": "0123456789abcdef"}, HasCheckpoints())
+
+
 def test_a_torch_runs_workdir_is_refused_and_untouched(tmp_path):
     workdir = tmp_path / "torch-run"  # as unet_torch.train leaves it
     workdir.mkdir()
