@@ -18,6 +18,27 @@ CHECKPOINT_DIR = "checkpoints"  # the JAX trainer's
 TORCH_CHECKPOINT_FILE = "checkpoint.pt"  # the torch trainer's
 
 
+class WorkdirError(RuntimeError):
+    """The workdir, or a folder of it, cannot be written."""
+
+
+def make_writable_folders(workdir: str, *folders: str) -> None:
+    """Make ``workdir`` and ``folders`` (paths inside it), and check that each takes a file.
+
+    Checked before any training: a save that fails later would cost the steps before it.
+    """
+    for folder in (workdir, *folders):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, f".write-test-{os.getpid()}")  # one per process: several may share it
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as error:
+            raise WorkdirError(f"cannot write to {folder!r} (of --workdir {workdir}): {error.strerror or error}") \
+                from None
+
+
 def identity_differences(saved: dict, identity: dict) -> list[str]:
     """One line per setting in ``identity`` that the folder's record ``saved`` holds otherwise."""
     return [f"  {key}: the workdir has {saved.get(key)!r}, this run asks for {value!r}"

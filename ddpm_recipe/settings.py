@@ -61,12 +61,13 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise SettingsError(f"Config.{name} must be a whole number of at least {least}, got {value!r}")
-        if not (self.lr > 0 and 0 <= self.ema_decay < 1):
-            raise SettingsError(f"Config needs lr > 0 and ema_decay in [0, 1), got lr {self.lr}, "
-                                f"ema_decay {self.ema_decay}")
-        if self.dtype not in DTYPES or self.sampler not in SAMPLERS:
-            raise SettingsError(f"Config.dtype must be one of {DTYPES} and Config.sampler one of {SAMPLERS}, "
-                                f"got {self.dtype!r} and {self.sampler!r}")
+        if not self.lr > 0:
+            raise SettingsError(f"Config.lr must be above 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise SettingsError(f"Config.ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name, allowed in (("dtype", DTYPES), ("sampler", SAMPLERS)):
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"Config.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.sampler == "ddim" and self.sample_steps > self.n_T:
             raise SettingsError(f"Config.sample_steps ({self.sample_steps} DDIM steps) exceeds n_T ({self.n_T})")
 
@@ -113,7 +114,7 @@ def non_negative(text):
 
 def seed(text):
     value = int(text)
-    if not 0 <= value < 2**63:  # a 64-bit seed, as jax.random.key and torch.manual_seed both take
+    if not 0 <= value < 2**63:  # a 64-bit seed: jax.random.key takes no larger
         raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**63 - 1, got {text}")
     return value
 
@@ -162,7 +163,4 @@ def parse_flags(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, dic
         parser.error("--download needs --data ROOT, the folder to download MNIST into")
     if args["sampler"] == "ddim" and args["sample_steps"] > args["n_T"]:  # DDPM takes all n_T steps
         parser.error(f"--sample-steps {args['sample_steps']} exceeds --n-T {args['n_T']}")
-    try:
-        return Config(**args), others
-    except SettingsError as error:
-        parser.error(str(error))
+    return Config(**args), others

@@ -61,7 +61,7 @@ def test_the_training_mesh_spans_every_device():
     (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "must be below --num-processes 2"),
     (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "0", "--distributed"], "drop it"),
     *((["--coordinator", bad, "--num-processes", "2", "--process-id", "0"],
-       f"expected HOST:PORT with a port from 1 to 65535, got '{bad}'")
+       f"expected HOST:PORT with a port from 1 to 65535, got {bad}")
       for bad in ("node0", "node0:http", ":1234", "node0:70000", "node0:0")),
 ])
 def test_process_flags_are_checked(flags, message, capsys):

@@ -156,7 +156,17 @@ def test_evaluate_says_in_one_line_what_data_or_cache_it_cannot_use(classifier, 
 def test_evaluate_refuses_flags_that_cannot_draw(flags, capsys):
     with pytest.raises(SystemExit) as info:
         evaluate.main(flags)
-    assert info.value.code == 2 and "expected" in capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flags[0]}: expected " in capsys.readouterr().err
+
+
+def test_a_classifier_that_cannot_be_cached_after_training_says_so(classifier, tmp_path, monkeypatch):
+    def disk_full(path, blob):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "train_classifier", lambda train, epochs: classifier[0])  # trained already
+    monkeypatch.setattr(evaluate, "_write_atomically", disk_full)
+    with pytest.raises(evaluate.ClassifierCacheError, match=r"^cannot write the classifier cache .*cache: No space"):
+        evaluate.load_or_train_classifier(data.BUNDLED, str(tmp_path / "cache"))
 
 
 def test_evaluate_refuses_fewer_than_two_samples_and_raw_torch_weights(capsys):

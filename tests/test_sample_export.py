@@ -45,20 +45,18 @@ def test_sample_without_checkpoint_says_so(tmp_path):
 def test_sample_refuses_flags_that_cannot_draw(flags, capsys):
     with pytest.raises(SystemExit) as info:
         sample.main(flags)
-    assert info.value.code == 2 and "expected" in capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flags[0]}: expected " in capsys.readouterr().err
 
 
 def test_sample_and_export_say_in_one_line_what_they_cannot_read_or_write(workdir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(SystemExit, match=r"^error: cannot write .*a-file/grid.png and .*a-file/grid.npy: "):
+    with pytest.raises(SystemExit, match=r"^error: cannot write .*a-file/grid.png: "):
         sample.main(["--workdir", workdir, "--num", "2", "--sample-steps", "2", "--conv", "xla",
                      "--out", str(blocker / "grid")])
     for suffix in (".pt", ".safetensors"):
         with pytest.raises(SystemExit, match=rf"^error: cannot write .*a-file/model{suffix}: "):
             export.main(["--workdir", workdir, "--out", str(blocker / ("model" + suffix))])
-    with pytest.raises(SystemExit, match=r"^error: --sample-steps 30 exceeds the run's n_T 20$"):
-        sample.main(["--workdir", workdir, "--sample-steps", "30"])
     broken = tmp_path / "broken"  # the run, with its record of its settings cut short
     shutil.copytree(workdir, broken)
     (broken / "config.json").write_text('{"n_T": 2')

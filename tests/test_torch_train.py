@@ -104,9 +104,10 @@ def test_torch_trainer_leaves_a_jax_run_alone_and_adopts_its_own_older_runs(tmp_
 def test_torch_trainer_says_in_one_line_what_it_cannot_use(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: --batch-size 5000 exceeds the 4500 training images$"):
         main(["--workdir", str(tmp_path / "big"), "--steps", "1", *TORCH_TINY, "--batch-size", "5000"])
+    assert not (tmp_path / "big" / "config.json").exists()  # so the corrected command is not refused
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(SystemExit, match=r"^error: cannot write to .*a-file/run/samples.* \(of --workdir .*\): "):
+    with pytest.raises(SystemExit, match=r"^error: cannot write to '.*a-file/run' \(of --workdir .*a-file/run\): "):
         main(["--workdir", str(blocker / "run"), "--steps", "1", *TORCH_TINY])
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -114,6 +115,10 @@ def test_torch_trainer_says_in_one_line_what_it_cannot_use(tmp_path):
     with pytest.raises(SystemExit, match=r"^error: .*broken/config.json is not a readable record of the run's "):
         main(["--workdir", str(broken), "--steps", "1", *TORCH_TINY])
     assert (broken / "config.json").read_text() == '{"lr": 0.0'
+    (broken / "config.json").write_text("[]")
+    with pytest.raises(SystemExit, match=r"^error: .*broken/config.json is not a record of the run's settings \(it holds a "
+                                         r"list, not an object\); restore it, or use another --workdir$"):
+        main(["--workdir", str(broken), "--steps", "1", *TORCH_TINY])
 
 
 def test_torch_trainer_resumes_without_rereading_init_from(tmp_path):
@@ -124,3 +129,9 @@ def test_torch_trainer_resumes_without_rereading_init_from(tmp_path):
     weights.unlink()  # the run's own checkpoint holds its weights now
     main(["--workdir", workdir, "--steps", "2", "--init-from", str(weights), *TORCH_TINY])
     assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 2
+
+
+def test_the_largest_seed_trains_and_samples(tmp_path):
+    workdir = tmp_path / "torch"
+    main(["--workdir", str(workdir), "--steps", "1", "--seed", str(2**63 - 1), *TORCH_TINY])
+    assert (workdir / "samples" / "step_1.png").is_file()

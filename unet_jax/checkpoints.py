@@ -268,9 +268,13 @@ class ConfirmedSaves:
         self.in_flight = None  # the step of the save not yet confirmed on disk
         self.waiting_is_futile = False
 
-    def last_committed(self) -> str:
+    def last_committed_step(self) -> int | None:
         steps = committed_steps(self.workdir)
-        return f"step {steps[-1]}" if steps else "none (no checkpoint was completed)"
+        return steps[-1] if steps else None
+
+    def last_committed(self) -> str:
+        step = self.last_committed_step()
+        return f"step {step}" if step is not None else "none (no checkpoint was completed)"
 
     def save(self, step: int, state) -> None:
         self.confirm()

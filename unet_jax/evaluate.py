@@ -150,7 +150,7 @@ def load_or_train_classifier(source: str, cache_dir: str, *, epochs: int | None 
         with open(info_path) as f:
             held_out_accuracy = json.load(f)["held_out_accuracy"]
         return params, held_out_accuracy, held_out
-    try:  # before the training, which takes a minute or two: a cache that cannot be written says so first
+    try:  # before the training: a cache that cannot be written says so before the work is done
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as error:
         raise ClassifierCacheError.of(cache_dir, error) from None
@@ -272,13 +272,15 @@ def main(argv=None) -> None:
     else:
         prefix = os.path.join(args.workdir, "eval_raw" if args.raw else "eval")
     probs, _ = classify(classifier, samples[:100])
+    path = prefix + ".json"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        with open(prefix + ".json", "w") as f:
+        with open(path, "w") as f:
             json.dump(report, f, indent=2)
-        save_labelled_grid(samples[:100], probs.argmax(1), probs.max(1), prefix + "_samples.png")
+        path = prefix + "_samples.png"
+        save_labelled_grid(samples[:100], probs.argmax(1), probs.max(1), path)
     except OSError as error:
-        raise SystemExit(f"error: cannot write the report {prefix}.json: {error.strerror or error}") from None
+        raise SystemExit(f"error: cannot write the report {path}: {error.strerror or error}") from None
     print(f"wrote {prefix}.json and {prefix}_samples.png")
     print(f"model: {report['model']} ({report['weights']} weights; {args.num} samples, {args.sampler} {report['steps']} steps)")
     print(f"classifier held-out accuracy: {held_out_accuracy:.4f}")

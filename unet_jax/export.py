@@ -7,6 +7,7 @@ starts from, so that ``python -m unet_torch.train --init-from`` can start from t
 """
 
 import argparse
+import contextlib
 import os
 
 from ddpm_recipe.settings import seed
@@ -36,15 +37,32 @@ def save_torch(params, out: str) -> None:
     """
     from parity import flax_to_numpy, flax_to_torch  # the torch boundary lives in parity
 
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".safetensors"):
         import jax.numpy as jnp
         from safetensors.flax import save_file  # the flax writer keeps bfloat16, which NumPy's drops
 
-        save_file({k: jnp.asarray(a) for k, a in flax_to_numpy({"params": params}).items()}, out)
+        tensors = {k: jnp.asarray(a) for k, a in flax_to_numpy({"params": params}).items()}
+        with _writing(out):
+            save_file(tensors, out)
         return
     torch = import_torch(f"writing {out} (a torch .pt file; a .safetensors one does not)")
-    torch.save(flax_to_torch({"params": params}), out)
+    state_dict = flax_to_torch({"params": params})
+    with _writing(out):
+        torch.save(state_dict, out)
+
+
+class OutputError(RuntimeError):
+    """The weights file cannot be written where it was asked for."""
+
+
+@contextlib.contextmanager
+def _writing(out: str):
+    """Make ``out``'s folder; an OSError while writing ``out`` becomes an OutputError that names it."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        yield
+    except OSError as error:
+        raise OutputError(f"cannot write {out}: {error.strerror or error}") from None
 
 
 def main(argv=None) -> None:
@@ -63,10 +81,8 @@ def main(argv=None) -> None:
             print(f"wrote the initial weights of a training run with --seed {args.init_seed} to {args.out}")
             return
         step = export(args.workdir, args.out, raw=args.raw)
-    except (*checkpoints.UNREADABLE_RUN, TorchNotInstalledError) as error:
+    except (*checkpoints.UNREADABLE_RUN, TorchNotInstalledError, OutputError) as error:
         raise SystemExit(f"error: {error}") from None
-    except OSError as error:  # FileNotFoundError, of a missing run, is answered above
-        raise SystemExit(f"error: cannot write {args.out}: {error.strerror or error}") from None
     print(f"wrote the {'raw' if args.raw else 'EMA'} weights of {args.workdir} at step {step} to {args.out}")
 
 

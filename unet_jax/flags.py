@@ -18,7 +18,7 @@ def address(text: str) -> str:
     """HOST:PORT (an IPv6 host in brackets), the port a number from 1 to 65535."""
     host, _, port = text.rpartition(":")
     if not (host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port from 1 to 65535, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port from 1 to 65535, got {text}")
     return text
 
 

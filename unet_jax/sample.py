@@ -95,11 +95,12 @@ def main(argv=None) -> None:
                                        n_T=config["n_T"], eta=args.eta, clip_x0=not args.no_clip_x0, conv=args.conv,
                                        dtype=config.get("dtype", "float32"))
     out = args.out or os.path.join(args.workdir, "samples", "final")
-    try:
-        save_grid(images, out + ".png")
-        np.save(out + ".npy", np.asarray(images))
-    except OSError as error:
-        raise SystemExit(f"error: cannot write {out}.png and {out}.npy: {error.strerror or error}") from None
+    writes = {out + ".png": lambda path: save_grid(images, path), out + ".npy": lambda path: np.save(path, images)}
+    for path, write in writes.items():
+        try:
+            write(path)
+        except OSError as error:
+            raise SystemExit(f"error: cannot write {path}: {error.strerror or error}") from None
     print(f"wrote {args.num} samples ({args.sampler}, step {restored['step']}) to {out}.png and {out}.npy")
 
 

@@ -274,7 +274,7 @@ def program_changes(recorded: dict | None, program: dict, start: int, steps: int
 
     try:
         before = dispatches(recorded)
-    except (SettingsError, TypeError):  # a config.json edited by hand
+    except SettingsError:  # a config.json edited by hand
         return changed + ["the record of the run's device programs in its config.json is unreadable"]
     if before != dispatches(program):
         changed += [f"{k.replace('_', '-')} {recorded[k]} -> {program[k]}" for k in PROGRAM if recorded[k] != program[k]]

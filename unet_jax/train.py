@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from ddpm_recipe.errors import first_line
-from ddpm_recipe.run_folder import METRICS_FILE, save_grid, trim_metrics
+from ddpm_recipe.run_folder import METRICS_FILE, WorkdirError, make_writable_folders, save_grid, trim_metrics
 from ddpm_recipe.schedule import linear_schedule
 from ddpm_recipe.settings import IDENTITY, PROGRAM, Config, SettingsError, check_batch_fits
 from unet_jax import autotune, checkpoints, data, devices
@@ -46,28 +46,13 @@ from unet_jax.step import (
 
 # ------------------------------------------------------------------------------------ the run
 
-class WorkdirError(RuntimeError):
-    """The workdir, or its checkpoints folder, cannot be written."""
-
-
 class InitFromError(ValueError):
     """--init-from names a file that is not the tutorial Unet's float weights."""
 
 
 def _prepare_workdir(workdir: str) -> None:
-    """Make the workdir and its samples and checkpoints folders, and check that each takes a file.
-
-    Checked before any training: a save that fails later would cost the steps before it.
-    """
-    for folder in (workdir, os.path.join(workdir, "samples"), checkpoints.checkpoint_dir(workdir)):
-        try:
-            os.makedirs(folder, exist_ok=True)
-            probe = os.path.join(folder, f".write-test-{os.getpid()}")  # one per process: several may share it
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as error:
-            raise WorkdirError(f"cannot write to {folder!r} (of --workdir {workdir}): {error.strerror or error}") from None
+    """The workdir and its samples and checkpoints folders, made and checked to take a file."""
+    make_writable_folders(workdir, os.path.join(workdir, "samples"), checkpoints.checkpoint_dir(workdir))
 
 
 def _initial_params(config: Config, key):
@@ -314,9 +299,9 @@ def _stop_if_nonfinite(host_acc: dict, saves: checkpoints.ConfirmedSaves) -> Non
     """Stop the run at a window with a non-finite step: its parameters are never saved."""
     if host_acc["first_bad_step"] >= 0:
         saves.wait()
-        kept = saves.last_committed()
+        kept = saves.last_committed_step()
         raise FloatingPointError(f"{describe_nonfinite(host_acc)}; stopping. " + (
-            f"The last complete checkpoint in {saves.workdir} is {kept}, and it is kept." if kept.startswith("step")
+            f"The last complete checkpoint in {saves.workdir} is step {kept}, and it is kept." if kept is not None
             else f"No checkpoint of the run in {saves.workdir} was completed before it."))
 
 

@@ -26,7 +26,9 @@ from ddpm_recipe.run_folder import (
     CONFIG_FILE,
     METRICS_FILE,
     TORCH_CHECKPOINT_FILE,
+    WorkdirError,
     identity_differences,
+    make_writable_folders,
     save_grid,
     trim_metrics,
 )
@@ -108,14 +110,6 @@ def _identity(config: Config) -> dict:
     return {k: getattr(config, k) for k in IDENTITY}
 
 
-def _make_workdir(workdir: str) -> None:
-    folder = os.path.join(workdir, "samples")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as error:
-        raise TorchRunError(f"cannot write to {folder!r} (of --workdir {workdir}): {error.strerror or error}") from None
-
-
 def _check_workdir(config, resuming: bool) -> None:
     """As the JAX trainer: a workdir of another run (other settings, or the JAX trainer's) is refused,
     never resumed or overwritten. A checkpoint.pt from before runs recorded their settings is adopted."""
@@ -126,8 +120,11 @@ def _check_workdir(config, resuming: bool) -> None:
     try:
         saved = _read_json(path) if os.path.exists(path) else None
     except (OSError, ValueError) as error:
-        raise TorchRunError(f"{path} is not a readable record of the run's settings ({error}); move it away, or use "
+        raise TorchRunError(f"{path} is not a readable record of the run's settings ({error}); restore it, or use "
                             "another --workdir") from None
+    if saved is not None and not isinstance(saved, dict):
+        raise TorchRunError(f"{path} is not a record of the run's settings (it holds a {type(saved).__name__}, not "
+                            "an object); restore it, or use another --workdir")
     if saved is None and resuming:
         print(f"note: {config.workdir} has checkpoint.pt but no {CONFIG_FILE}: recording these flags as its settings")
     differences = identity_differences(saved, _identity(config)) if saved is not None else []
@@ -172,7 +169,11 @@ def train(config: Config) -> dict:
     ema.load_state_dict(model.state_dict())
     optimizer, scheduler = make_optimizer(model, config.lr, config.warmup_steps, config.decay_steps)
     start = 0
-    _make_workdir(config.workdir)  # after --init-from is read: a bad file leaves no folder behind
+    # The data is read (and the batch checked against it) before the run is recorded: a refused
+    # --batch-size or --data must not leave a record that would refuse the corrected command.
+    loader = _loader(config, generator)  # draws from the generator only when iterated, after a resume set it
+    # After --init-from is read: a bad file leaves no folder behind.
+    make_writable_folders(config.workdir, os.path.join(config.workdir, "samples"))
     _check_workdir(config, resuming=resuming)
     if resuming:
         try:
@@ -186,7 +187,6 @@ def train(config: Config) -> dict:
         print(f"resumed {config.workdir} from step {start}")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
 
-    loader = _loader(config, generator)
     metrics_path = os.path.join(config.workdir, METRICS_FILE)
     trim_metrics(metrics_path, start)  # rows past the checkpoint belong to steps about to be redone
     metrics = open(metrics_path, "a")
@@ -235,7 +235,7 @@ def train(config: Config) -> dict:
 def _sample(config, ema, schedule, step: int):
     """An 8x8 grid from the EMA, with noise of its own (fixed by seed and step): sampling never moves the
     training's random stream."""
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    generator = torch.Generator().manual_seed((config.seed * 1_000_003 + step) % 2**63)  # torch takes 64 bits
     x_T = torch.randn((config.num_samples, 1, 28, 28), generator=generator)
     if config.sampler == "ddpm":
         x0 = ddpm_sample(ema, schedule, x_T, generator=generator, clip_x0=True)
@@ -253,7 +253,8 @@ def main(argv=None) -> None:
         if options["download"]:
             digits.download(config.data)
         train(config)
-    except (digits.MnistError, WeightsFileError, CheckpointMismatchError, TorchRunError, SettingsError) as error:
+    except (digits.MnistError, WeightsFileError, CheckpointMismatchError, TorchRunError, SettingsError,
+            WorkdirError) as error:
         message = error.one_line() if isinstance(error, CheckpointMismatchError) else str(error)
         raise SystemExit(f"error: {message}") from None
 
