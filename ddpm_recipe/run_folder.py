@@ -40,7 +40,15 @@ def make_writable_folders(workdir: str, *folders: str) -> None:
 
 
 def identity_differences(saved: dict, identity: dict) -> list[str]:
-    """One line per setting in ``identity`` that the folder's record ``saved`` holds otherwise."""
+    """One line per setting in ``identity`` that the folder's record ``saved`` holds otherwise.
+
+    The data is compared by its fingerprint: the same digits read from a folder moved, or spelled
+    otherwise, are the same run's. A record from before fingerprints were kept compares the path.
+    """
+    if "data_fingerprint" not in saved:
+        identity = {k: v for k, v in identity.items() if k != "data_fingerprint"}
+    elif saved["data_fingerprint"] == identity.get("data_fingerprint") and "data" in identity:
+        saved = saved | {"data": identity["data"]}
     return [f"  {key}: the workdir has {saved.get(key)!r}, this run asks for {value!r}"
             for key, value in identity.items() if saved.get(key) != value]
 

@@ -1,10 +1,12 @@
 import atexit
+import gzip
 import os
 import pathlib
 import re
 import shutil
 import tempfile
 
+import numpy as np
 import pytest
 
 # One XLA compilation cache for the whole session, subprocesses included: the tests compile the
@@ -73,3 +75,33 @@ def tutorial_namespace():
     for cell in ("2", "5", "8", "11"):
         exec(cells[cell], namespace)
     return namespace
+
+
+def _write_idx(path, array, magic, compress):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if compress else open
+    with opener(path + (".gz" if compress else ""), "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def write_idx():
+    """The IDX file writer (MNIST's format): ``write_idx(path, array, magic, compress)``."""
+    return _write_idx
+
+
+@pytest.fixture
+def write_mnist_root():
+    """A function that writes the bundled digits into a folder in torchvision's MNIST layout, as IDX files."""
+    from unet_jax import data
+
+    def write(root: pathlib.Path) -> pathlib.Path:
+        raw = root / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for split, prefix in (("train", "train"), ("test", "t10k")):
+            digits = data.load("bundled", split)
+            _write_idx(str(raw / f"{prefix}-images-idx3-ubyte"), digits.images[..., 0], 2051, compress=False)
+            _write_idx(str(raw / f"{prefix}-labels-idx1-ubyte"), digits.labels, 2049, compress=False)
+        return root
+
+    return write

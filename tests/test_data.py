@@ -1,6 +1,5 @@
 """MNIST loading, scaling and on-device batching."""
 
-import gzip
 import os
 
 import jax
@@ -82,24 +81,10 @@ def test_an_epoch_order_carried_from_step_to_step_gives_each_steps_own_batch():
     assert not np.array_equal(np.sort(expected[2]), np.sort(expected[5]))  # the epochs do differ
 
 
-def _write_idx(path, array, magic, compress):
-    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    opener = gzip.open if compress else open
-    with opener(path + (".gz" if compress else ""), "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
-def mnist_root(tmp_path, bundled):
+def mnist_root(tmp_path, write_mnist_root):
     """A torchvision-layout root holding the real bundled digits as IDX files."""
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    train, test = bundled
-    _write_idx(str(raw / "train-images-idx3-ubyte"), train.images[..., 0], 2051, compress=False)
-    _write_idx(str(raw / "train-labels-idx1-ubyte"), train.labels, 2049, compress=False)
-    _write_idx(str(raw / "t10k-images-idx3-ubyte"), test.images[..., 0], 2051, compress=False)
-    _write_idx(str(raw / "t10k-labels-idx1-ubyte"), test.labels, 2049, compress=False)
-    return tmp_path
+    return write_mnist_root(tmp_path)
 
 
 def test_torchvision_root_reads_back_the_digits(mnist_root, bundled):
@@ -109,9 +94,9 @@ def test_torchvision_root_reads_back_the_digits(mnist_root, bundled):
         np.testing.assert_array_equal(digits.labels, expected.labels)
 
 
-def test_gzipped_files_read_too(mnist_root, bundled):
+def test_gzipped_files_read_too(mnist_root, bundled, write_idx):
     raw = os.path.join(mnist_root, "MNIST", "raw", "train-images-idx3-ubyte")
-    _write_idx(raw, bundled[0].images[..., 0], 2051, compress=True)
+    write_idx(raw, bundled[0].images[..., 0], 2051, compress=True)
     os.remove(raw)
     np.testing.assert_array_equal(data.load(str(mnist_root), "train").images, bundled[0].images)
 
@@ -138,9 +123,9 @@ def test_truncated_file_is_named(mnist_root):
         data.load(str(mnist_root), "test")
 
 
-def test_corrupted_gzip_and_bad_magic_are_named(mnist_root):
+def test_corrupted_gzip_and_bad_magic_are_named(mnist_root, write_idx):
     raw = os.path.join(mnist_root, "MNIST", "raw")
-    _write_idx(os.path.join(raw, "train-images-idx3-ubyte"), np.zeros((100, 28, 28)), 2051, compress=True)
+    write_idx(os.path.join(raw, "train-images-idx3-ubyte"), np.zeros((100, 28, 28)), 2051, compress=True)
     os.remove(os.path.join(raw, "train-images-idx3-ubyte"))
     with open(os.path.join(raw, "train-images-idx3-ubyte.gz"), "r+b") as f:
         f.seek(100)

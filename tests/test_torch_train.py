@@ -135,3 +135,20 @@ def test_the_largest_seed_trains_and_samples(tmp_path):
     workdir = tmp_path / "torch"
     main(["--workdir", str(workdir), "--steps", "1", "--seed", str(2**63 - 1), *TORCH_TINY])
     assert (workdir / "samples" / "step_1.png").is_file()
+
+
+def test_torch_trainer_resumes_from_a_moved_data_folder_and_refuses_other_digits(tmp_path, write_mnist_root,
+                                                                                 write_idx):
+    old = write_mnist_root(tmp_path / "old")
+    workdir = tmp_path / "torch"
+    main(["--workdir", str(workdir), "--steps", "1", "--data", str(old), *TORCH_TINY])
+    new = tmp_path / "new"
+    old.rename(new)  # the same digits, elsewhere
+    main(["--workdir", str(workdir), "--steps", "2", "--data", str(new), *TORCH_TINY])
+    assert torch.load(workdir / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert json.loads((workdir / "config.json").read_text())["data"] == str(new)
+    images = new / "MNIST" / "raw" / "train-images-idx3-ubyte"  # other digits in the same folder
+    write_idx(str(images), 255 - np.frombuffer(images.read_bytes()[16:], np.uint8).reshape(-1, 28, 28), 2051, False)
+    with pytest.raises(SystemExit, match=r"^error: .* holds a different run, .*data_fingerprint: the workdir has "
+                                         r"'[0-9a-f]{16}', this run asks for '[0-9a-f]{16}'"):
+        main(["--workdir", str(workdir), "--steps", "3", "--data", str(new), *TORCH_TINY])

@@ -210,8 +210,8 @@ def refuse_a_torch_run(workdir: str) -> None:
 
 
 def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -> None:
-    """Raise if ``workdir`` has checkpoints (in ``mgr``, its manager) whose identity differs from ``identity``.
-    The data is compared by its fingerprint: the same digits read from another path are the same run.
+    """Raise if ``workdir`` has checkpoints (in ``mgr``, its manager) whose identity differs from ``identity``
+    (the data by its fingerprint: ``identity_differences``).
 
     Takes the run's manager rather than opening one: in a multi-process run every process
     must open managers in the same order, since opening one is a barrier.
@@ -224,8 +224,6 @@ def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -
             f"{workdir} holds checkpoints but no {CONFIG_FILE} (the record of the settings that made them), so "
             "this run cannot check that they are its own. If these flags are that run's settings, add --adopt "
             f"to write {CONFIG_FILE} from them and resume; else use another --workdir.")
-    if saved.get("data_fingerprint") is not None and saved.get("data_fingerprint") == identity.get("data_fingerprint"):
-        saved = saved | {"data": identity["data"]}  # the same digits from a folder moved or spelled otherwise
     differences = identity_differences(saved, identity)
     if differences:
         raise IncompatibleWorkdirError(

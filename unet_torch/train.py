@@ -90,27 +90,30 @@ def apply_update(model, ema, optimizer, scheduler, schedule: Schedule, x0, t_B, 
     return loss
 
 
-def _loader(config, generator):
+def _loader(config, generator) -> tuple[DataLoader, str]:
+    """The shuffled batches of the training digits, and the digits' fingerprint (as the JAX trainer records it)."""
     if config.data == digits.BUNDLED:
-        dataset = DigitsDataset(digits.load_bundled("train").images)
+        train = digits.load_bundled("train")
+        dataset = DigitsDataset(train.images)
     else:
         from torchvision.datasets import MNIST
 
-        digits.load_torchvision_root(config.data, "train")  # the same clear errors as the JAX side
+        train = digits.load_torchvision_root(config.data, "train")  # the same clear errors as the JAX side
         dataset = MNIST(config.data, train=True, download=False, transform=TRANSFORM)
     check_batch_fits(config.batch_size, len(dataset))
-    return DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=generator)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=generator)
+    return loader, digits.fingerprint(train)
 
 
 class TorchRunError(RuntimeError):
     """The run cannot start or go on: another run's workdir, or a non-finite step."""
 
 
-def _identity(config: Config) -> dict:
-    return {k: getattr(config, k) for k in IDENTITY}
+def _identity(config: Config, data_fingerprint: str) -> dict:
+    return {k: getattr(config, k) for k in IDENTITY} | {"data_fingerprint": data_fingerprint}
 
 
-def _check_workdir(config, resuming: bool) -> None:
+def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
     """As the JAX trainer: a workdir of another run (other settings, or the JAX trainer's) is refused,
     never resumed or overwritten. A checkpoint.pt from before runs recorded their settings is adopted."""
     path = os.path.join(config.workdir, CONFIG_FILE)
@@ -127,13 +130,14 @@ def _check_workdir(config, resuming: bool) -> None:
                             "an object); restore it, or use another --workdir")
     if saved is None and resuming:
         print(f"note: {config.workdir} has checkpoint.pt but no {CONFIG_FILE}: recording these flags as its settings")
-    differences = identity_differences(saved, _identity(config)) if saved is not None else []
+    identity = _identity(config, data_fingerprint)
+    differences = identity_differences(saved, identity) if saved is not None else []
     if differences:
         raise TorchRunError(f"{config.workdir} holds a different run, so it will not be resumed or overwritten: "
                             + "; ".join(d.strip() for d in differences)
                             + ". Use another --workdir, or the workdir's own settings.")
     with open(path + ".tmp", "w") as f:
-        json.dump(_identity(config), f, indent=2, sort_keys=True)
+        json.dump(identity, f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
 
 
@@ -171,10 +175,10 @@ def train(config: Config) -> dict:
     start = 0
     # The data is read (and the batch checked against it) before the run is recorded: a refused
     # --batch-size or --data must not leave a record that would refuse the corrected command.
-    loader = _loader(config, generator)  # draws from the generator only when iterated, after a resume set it
+    loader, data_fingerprint = _loader(config, generator)  # draws from the generator only when iterated
     # After --init-from is read: a bad file leaves no folder behind.
     make_writable_folders(config.workdir, os.path.join(config.workdir, "samples"))
-    _check_workdir(config, resuming=resuming)
+    _check_workdir(config, resuming=resuming, data_fingerprint=data_fingerprint)
     if resuming:
         try:
             saved = load_state_dict(checkpoint_path)
