@@ -53,13 +53,27 @@ def kind_of(op_name: str) -> str:
 
 
 def instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
-    """Instruction name -> (opcode, the JAX op_name in its metadata) of a compiled program's text."""
-    found = {}
+    """Instruction name -> (opcode, the JAX op_name in its metadata) of a compiled program's text.
+
+    An instruction that XLA adds itself (a layout copy, a transpose that feeds a library call)
+    has no op_name; it takes that of the value it copies, its first operand's, so that its time
+    counts for the layer that made the value rather than outside the model.
+    """
+    found, first_operand = {}, {}
     for line in hlo_text.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(", line)  # the type may be a tuple
+        # name = TYPE (which may be a tuple) opcode(%first_operand, ...
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\((?:%([\w.\-]+))?", line)
         if m:
             op_name = re.search(r'op_name="([^"]*)"', line)
             found[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+            first_operand[m.group(1)] = m.group(3)
+    for name, (opcode, op_name) in found.items():
+        source, seen = name, {name}
+        while not op_name and first_operand.get(source) in found and first_operand[source] not in seen:
+            source = first_operand[source]
+            seen.add(source)
+            op_name = found[source][1]
+        found[name] = (opcode, op_name)
     return found
 
 

@@ -74,6 +74,20 @@ def test_conv_microbenchmark_prints_its_rows():
     assert "| XLA, 1 cpu device, --conv tapgrad |" in out and "| XLA, 1 cpu device, --conv winograd |" in out
 
 
+def test_an_op_that_xla_added_counts_for_the_layer_whose_value_it_copies():
+    from benchmarks.profile import instructions
+
+    made = "jit(train_steps)/transpose(jvp(Unet))/Unet.intermediates/encoder/down1/model_0/block_0/transpose"
+    program = instructions(f"""
+  %bitcast_transpose_fusion = f32[8,64,2,30,30]{{1,4,3,2,0}} fusion(%pad), kind=kLoop, metadata={{op_name="{made}"}}
+  %wrapped_copy.2 = f32[8,64,2,30,30]{{4,3,2,1,0}} fusion(%bitcast_transpose_fusion), kind=kLoop
+  %copy.3 = f32[8,64,2,30,30]{{4,3,2,1,0}} copy(%wrapped_copy.2)
+  ROOT %tuple.1 = (f32[2]{{0}}, f32[2]{{0}}) tuple(%p.0, %p.1)
+  %p.0 = f32[2]{{0}} parameter(0)""")
+    assert program["wrapped_copy.2"] == ("fusion", made) and program["copy.3"] == ("copy", made)  # a chain of them too
+    assert program["tuple.1"] == ("tuple", "")  # a parameter names no layer
+
+
 def test_profile_sums_the_step_by_kind_of_op(tmp_path, warm_autotune_cache):
     env = warm_autotune_cache(tmp_path / "autotune", train="tapgrad", sample="xla")  # auto's plan, not measured
     out = _run("benchmarks.profile", "--batch", "2", "--steps-per-dispatch", "2", "--dispatches", "1", "--top", "1000",
