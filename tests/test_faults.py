@@ -453,6 +453,20 @@ def test_only_process_0_downloads(monkeypatch):
     assert calls == ["/r"]
 
 
+def test_the_other_processes_learn_that_process_0_failed_its_own_check(monkeypatch, tmp_path):
+    """Process 0 alone downloads and takes the workdir's lock; the others stop with its outcome, in one line."""
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(devices, "is_primary", lambda: False)
+    monkeypatch.setattr(devices, "agree", lambda ok: False)  # process 0 reports that its check failed
+    monkeypatch.setattr(data, "download", lambda root: pytest.fail("only process 0 downloads"))
+    with pytest.raises(data.MnistError, match=r"^process 0 could not download MNIST into /r; see its error$"):
+        train_module.download_once("/r")
+    workdir = str(tmp_path / "run")
+    with pytest.raises(checkpoints.WorkdirBusyError, match=rf"^process 0 found {workdir} in use by another trainer$"):
+        train(Config(workdir=workdir, steps=1, **TINY))
+    assert not os.path.exists(os.path.join(workdir, checkpoints.LOCK_FILE))  # the others never take the lock
+
+
 def test_no_sched_getaffinity_as_on_macos(monkeypatch):
     from benchmarks.machine import machine
 
