@@ -22,6 +22,27 @@ class WorkdirError(RuntimeError):
     """The workdir, or a folder of it, cannot be written."""
 
 
+class RecordError(RuntimeError):
+    """A run folder's config.json is there but is not a readable record of its settings."""
+
+
+def read_record(workdir: str) -> dict | None:
+    """The settings recorded in ``workdir``'s config.json; None if it has none."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as error:
+        raise RecordError(f"{path} is not a readable record of the run's settings ({error}); restore it, or use "
+                          "another --workdir") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path} is not a record of the run's settings (it holds a {type(record).__name__}, not "
+                          "an object); restore it, or use another --workdir")
+    return record
+
+
 def make_writable_folders(workdir: str, *folders: str) -> None:
     """Make ``workdir`` and ``folders`` (paths inside it), and check that each takes a file.
 
@@ -35,8 +56,8 @@ def make_writable_folders(workdir: str, *folders: str) -> None:
                 f.write("ok")
             os.remove(probe)
         except OSError as error:
-            raise WorkdirError(f"cannot write to {folder!r} (of --workdir {workdir}): {error.strerror or error}") \
-                from None
+            reason = error.strerror or error
+            raise WorkdirError(f"cannot write to {folder!r} (of --workdir {workdir}): {reason}") from None
 
 
 def identity_differences(saved: dict, identity: dict) -> list[str]:

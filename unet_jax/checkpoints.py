@@ -15,7 +15,14 @@ import jax
 import orbax.checkpoint as ocp
 
 from ddpm_recipe.errors import first_line
-from ddpm_recipe.run_folder import CHECKPOINT_DIR, CONFIG_FILE, TORCH_CHECKPOINT_FILE, identity_differences
+from ddpm_recipe.run_folder import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    TORCH_CHECKPOINT_FILE,
+    RecordError,
+    identity_differences,
+    read_record,
+)
 from unet_jax.layers import ConvPlan
 
 CONV_PLAN_FILE = "conv_plan.json"
@@ -25,7 +32,7 @@ LOCK_FILE = ".lock"
 
 class IncompatibleWorkdirError(RuntimeError):
     """The workdir holds another run (one with other settings, or the torch trainer's), or an
-    unreadable record of its own."""
+    unreadable record of its 3x3 conv lowerings."""
 
 
 class WorkdirBusyError(RuntimeError):
@@ -41,7 +48,7 @@ class CheckpointSaveError(RuntimeError):
 
 
 # What reading a trained run can raise on a user's workdir (sample, export and evaluate say it in one line).
-UNREADABLE_RUN = (FileNotFoundError, IncompatibleWorkdirError, NoReadableCheckpointError)
+UNREADABLE_RUN = (FileNotFoundError, IncompatibleWorkdirError, NoReadableCheckpointError, RecordError)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -51,23 +58,6 @@ def checkpoint_dir(workdir: str) -> str:
 def manager(workdir: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
-
-
-def read_config(workdir: str) -> dict | None:
-    """The settings recorded in ``workdir``'s config.json; None if it has none."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as error:
-        raise IncompatibleWorkdirError(f"{path} is not a readable record of the run's settings ({error}); "
-                                       "restore it, or use another --workdir") from None
-    if not isinstance(config, dict):
-        raise IncompatibleWorkdirError(f"{path} is not a record of the run's settings (it holds a "
-                                       f"{type(config).__name__}, not an object); restore it, or use another --workdir")
-    return config
 
 
 def write_config(workdir: str, config: dict) -> None:
@@ -218,7 +208,7 @@ def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -
     """
     if mgr.latest_step() is None:
         return
-    saved = read_config(workdir)
+    saved = read_record(workdir)
     if saved is None:
         raise IncompatibleWorkdirError(
             f"{workdir} holds checkpoints but no {CONFIG_FILE} (the record of the settings that made them), so "
@@ -235,7 +225,7 @@ def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -
 
 def restore_latest_params(workdir: str) -> tuple[dict, dict]:
     """(config, {'step', 'params', 'ema_params'}) from the workdir's newest readable checkpoint."""
-    config = read_config(workdir)
+    config = read_record(workdir)
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory) or not committed_steps(workdir):
         raise FileNotFoundError(f"no checkpoint in {workdir}: train first with python -m unet_jax.train --workdir {workdir}")

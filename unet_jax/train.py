@@ -23,7 +23,15 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from ddpm_recipe.errors import first_line
-from ddpm_recipe.run_folder import METRICS_FILE, WorkdirError, make_writable_folders, save_grid, trim_metrics
+from ddpm_recipe.run_folder import (
+    METRICS_FILE,
+    RecordError,
+    WorkdirError,
+    make_writable_folders,
+    read_record,
+    save_grid,
+    trim_metrics,
+)
 from ddpm_recipe.schedule import linear_schedule
 from ddpm_recipe.settings import IDENTITY, PROGRAM, Config, SettingsError, check_batch_fits
 from unet_jax import autotune, checkpoints, data, devices
@@ -105,8 +113,8 @@ def train(config: Config, *, adopt: bool = False) -> TrainState:
     """
     primary = devices.is_primary()
     init_key, data_key, noise_key, sample_key = run_keys(config.seed)
-    # Read --init-from before writing anything: a bad file must leave no trace in the workdir.
     checkpoints.refuse_a_torch_run(config.workdir)
+    # Read --init-from before writing anything: a bad file must leave no trace in the workdir.
     initial = _initial_params(config, init_key) if not checkpoints.committed_steps(config.workdir) else None
     _prepare_workdir(config.workdir)
     lock, busy = None, None
@@ -252,10 +260,10 @@ def _claim_workdir(config: Config, adopt: bool, images, mesh, mgr) -> tuple[dict
     decides its rounding (dispatch sizes, device count, JAX version), compared on resume.
     """
     identity = {k: getattr(config, k) for k in IDENTITY} | {"data_fingerprint": data.fingerprint(images)}
-    if not (adopt and checkpoints.read_config(config.workdir) is None):
+    if not (adopt and read_record(config.workdir) is None):
         checkpoints.check_compatible(config.workdir, identity, mgr)
     program = {k: getattr(config, k) for k in PROGRAM} | {"devices": int(mesh.devices.size), "jax": jax.__version__}
-    recorded_program = (checkpoints.read_config(config.workdir) or {}).get("program")
+    recorded_program = (read_record(config.workdir) or {}).get("program")
     if devices.is_primary():
         checkpoints.write_config(config.workdir, identity | {"program": program})
     return recorded_program, program
@@ -373,8 +381,8 @@ def _conv_plan(config: Config, mesh, *, resuming: bool) -> ConvPlan:
         source = "autotuned for this machine" if config.conv == "auto" else "--conv"
         if replaced is not None and replaced != plan and devices.is_primary():
             print(f"note: --conv {config.conv} replaces the 3x3 conv lowerings the run recorded "
-                  f"({replaced.describe()}), so from here the numbers differ from an uninterrupted run's by float32 rounding (resume with "
-                  "--conv auto to keep it bit-identical)")
+                  f"({replaced.describe()}), so from here the numbers differ from an uninterrupted run's by "
+                  "float32 rounding (resume with --conv auto to keep it bit-identical)")
     if devices.is_primary():
         print(f"3x3 conv lowerings ({source}): {plan.describe()}")
         checkpoints.write_conv_plan(config.workdir, plan)
@@ -419,7 +427,8 @@ def download_once(root: str) -> None:
 # A user's mistake or a fault the run cannot go on from: one line, no traceback.
 USER_ERRORS = (data.MnistError, checkpoints.IncompatibleWorkdirError, checkpoints.WorkdirBusyError,
                checkpoints.NoReadableCheckpointError, devices.BatchSplitError, devices.RollCallError,
-               FloatingPointError, WorkdirError, InitFromError, checkpoints.CheckpointSaveError, SettingsError)
+               FloatingPointError, WorkdirError, InitFromError, checkpoints.CheckpointSaveError, SettingsError,
+               RecordError)
 
 
 def main(argv=None) -> None:

@@ -26,9 +26,11 @@ from ddpm_recipe.run_folder import (
     CONFIG_FILE,
     METRICS_FILE,
     TORCH_CHECKPOINT_FILE,
+    RecordError,
     WorkdirError,
     identity_differences,
     make_writable_folders,
+    read_record,
     save_grid,
     trim_metrics,
 )
@@ -116,18 +118,10 @@ def _identity(config: Config, data_fingerprint: str) -> dict:
 def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
     """As the JAX trainer: a workdir of another run (other settings, or the JAX trainer's) is refused,
     never resumed or overwritten. A checkpoint.pt from before runs recorded their settings is adopted."""
-    path = os.path.join(config.workdir, CONFIG_FILE)
     if os.path.isdir(os.path.join(config.workdir, CHECKPOINT_DIR)):
         raise TorchRunError(f"{config.workdir} holds a JAX training run (its {CHECKPOINT_DIR}/ folder); give the torch "
                             "trainer a --workdir of its own")
-    try:
-        saved = _read_json(path) if os.path.exists(path) else None
-    except (OSError, ValueError) as error:
-        raise TorchRunError(f"{path} is not a readable record of the run's settings ({error}); restore it, or use "
-                            "another --workdir") from None
-    if saved is not None and not isinstance(saved, dict):
-        raise TorchRunError(f"{path} is not a record of the run's settings (it holds a {type(saved).__name__}, not "
-                            "an object); restore it, or use another --workdir")
+    saved = read_record(config.workdir)
     if saved is None and resuming:
         print(f"note: {config.workdir} has checkpoint.pt but no {CONFIG_FILE}: recording these flags as its settings")
     identity = _identity(config, data_fingerprint)
@@ -136,14 +130,10 @@ def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
         raise TorchRunError(f"{config.workdir} holds a different run, so it will not be resumed or overwritten: "
                             + "; ".join(d.strip() for d in differences)
                             + ". Use another --workdir, or the workdir's own settings.")
+    path = os.path.join(config.workdir, CONFIG_FILE)
     with open(path + ".tmp", "w") as f:
         json.dump(identity, f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
-
-
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
 
 
 def _not_finite(model) -> list[str]:
@@ -258,7 +248,7 @@ def main(argv=None) -> None:
             digits.download(config.data)
         train(config)
     except (digits.MnistError, WeightsFileError, CheckpointMismatchError, TorchRunError, SettingsError,
-            WorkdirError) as error:
+            WorkdirError, RecordError) as error:
         message = error.one_line() if isinstance(error, CheckpointMismatchError) else str(error)
         raise SystemExit(f"error: {message}") from None
 
