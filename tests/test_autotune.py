@@ -2,7 +2,6 @@
 
 import json
 import os
-import time
 
 import jax
 import numpy as np
@@ -81,45 +80,58 @@ def test_candidates_are_lowerings_and_cover_each_mode():
     assert set(autotune.CANDIDATES["train"]) | set(autotune.CANDIDATES["sample"]) == set(CONV_LOWERINGS)
 
 
-def _sleepers(calls, **seconds):
-    def program(name, s):
-        def run():
-            calls.append(name)
-            time.sleep(s)
-            return jax.numpy.zeros(())
-        return run
-    return {name: program(name, s) for name, s in seconds.items()}
+@pytest.fixture
+def sleepers(monkeypatch):
+    """Programs that each take a set time on a clock of the test's own: autotune's timings are
+    exact, where real sleeps on a loaded machine overran enough to drop a candidate by chance."""
+    now = [0.0]
+    monkeypatch.setattr(autotune, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
+
+    def make(calls, **seconds):
+        def program(name, s):
+            def run():
+                calls.append(name)
+                now[0] += s
+                return jax.numpy.zeros(())
+            return run
+        return {name: program(name, s) for name, s in seconds.items()}
+    return make
 
 
-def test_candidates_take_turns_and_a_far_slower_one_stops_after_the_first_round(monkeypatch):
-    monkeypatch.setattr(autotune, "CUTOFF", 10.0)  # far from the 50x below, and from sleep's jitter
+def test_candidates_take_turns_and_a_far_slower_one_stops_after_the_first_round(sleepers):
     calls = []
-    programs = _sleepers(calls, quick=0.002, slow=0.1, close=0.002)
+    programs = sleepers(calls, quick=0.002, slow=0.1, close=0.002)
     # The slow one's warm-up (0.1 s) is under min_seconds, too short to skip it on.
     best = autotune._time_side_by_side(programs, (), min_seconds=0.2, max_rounds=3)
     # A warm-up each, then rounds in turn; the slow one (50x) is dropped after round one.
     assert calls[:6] == ["quick", "slow", "close", "quick", "slow", "close"]
     assert calls.count("slow") == 2 and calls.count("quick") == calls.count("close") == 4
-    assert best["quick"] < best["slow"] and best["close"] < best["slow"]
+    assert best == pytest.approx({"quick": 0.002, "slow": 0.1, "close": 0.002})
 
 
-def test_a_long_and_far_slower_warm_up_is_not_timed_again(monkeypatch):
-    monkeypatch.setattr(autotune, "WARM_UP_CUTOFF", 10.0)  # far from the 50x below, and from sleep's jitter
+def test_a_candidate_within_the_cutoff_is_timed_every_round(sleepers):
     calls = []
-    programs = _sleepers(calls, quick=0.002, slow=0.1, close=0.002)
+    programs = sleepers(calls, quick=0.002, near=0.0029)  # 1.45x, under CUTOFF's 1.5x
+    autotune._time_side_by_side(programs, (), min_seconds=0.2, max_rounds=3)
+    assert calls.count("near") == calls.count("quick") == 4
+
+
+def test_a_long_and_far_slower_warm_up_is_not_timed_again(sleepers):
+    calls = []
+    programs = sleepers(calls, quick=0.002, slow=0.1, close=0.002)
     best = autotune._time_side_by_side(programs, (), min_seconds=0.05, max_rounds=3)
     assert calls[:3] == ["quick", "slow", "close"] and calls.count("slow") == 1
     assert calls.count("quick") == calls.count("close") == 4
-    assert best["slow"] >= 0.1 > best["quick"]
+    assert best == pytest.approx({"quick": 0.002, "slow": 0.1, "close": 0.002})
 
 
-def test_calls_longer_than_min_seconds_are_timed_in_one_round():
+def test_calls_longer_than_min_seconds_are_timed_in_one_round(sleepers):
     # A large batch's layers: a warm-up and one round each, where short ones take every round (above).
     calls = []
-    programs = _sleepers(calls, long=0.06, longer=0.07)
+    programs = sleepers(calls, long=0.06, longer=0.07)
     best = autotune._time_side_by_side(programs, (), min_seconds=0.05, max_rounds=3)
     assert calls == ["long", "longer", "long", "longer"]
-    assert best["long"] >= 0.06 and best["longer"] >= 0.07
+    assert best == pytest.approx({"long": 0.06, "longer": 0.07})
 
 
 def test_training_gives_up_xla_where_the_whole_network_loses_little_by_it():
