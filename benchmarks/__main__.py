@@ -6,7 +6,8 @@ it would choose (``--conv auto``) and with each lowering alone, and DDIM-100 / D
 sampling; GFLOP/s count the direct convolution's FLOPs (XLA's count of the ``xla``
 lowering) whatever the lowering, so Winograd may pass the matmul peak; with
 warm-up and compilation excluded (compile time reported apart), clocks read after a sync,
-medians of repeats with min-max spread, torch given the same threads, TF32 off on both
+the implementations of a case timed in turns, one repeat each per round, medians of the
+repeats with min-max spread, torch given the same threads, TF32 off on both
 sides on GPU. Writes benchmarks/results/<machine>.json and .md (the machine's name says its
 CPU kind, e.g. ...-avx2) and prints the table.
 """
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 
 from benchmarks import jax_bench, torch_bench  # noqa: E402
 from benchmarks.machine import cpu_has_bfloat16, describe, machine, machine_name  # noqa: E402
+from benchmarks.timing import time_in_turns  # noqa: E402
 from unet_jax import autotune, data  # noqa: E402
 from unet_jax.train import Config  # noqa: E402
 
@@ -56,7 +58,7 @@ def run(args) -> dict:
             mesh = devices.data_mesh(batch)
             plan = autotune.resolve("auto", batch // mesh.devices.size, "train", mesh=mesh)
             print(f"3x3 conv lowerings, train, batch {batch}: {plan.describe()}", flush=True)
-            common = dict(steps_per_repeat=steps, repeats=args.repeats)
+            common = dict(steps_per_repeat=steps)
             one = dict(common, direct_flops=jax_bench.direct_flops(images, batch, dtype))
             program = dict(one, steps_per_dispatch=STEPS_PER_DISPATCH)
             cases = [("jax-jit", lambda: jax_bench.train_step_case(
@@ -78,39 +80,41 @@ def run(args) -> dict:
                 if not args.skip_compile:
                     cases.append((f"torch.compile {mode}", lambda mode=mode: torch_bench.train_step_case(
                         images, batch, dtype, compiled=mode, device=device, **common)))
-            rows += _measure("train step", batch, dtype, cases, peak)
+            rows += _measure("train step", batch, dtype, cases, args.repeats, peak)
 
     for sampler, steps, num in (("ddim", 100, args.ddim_images), ("ddpm", 1000, args.ddpm_images)):
         if num == 0:
             continue
-        reps = dict(repeats=args.sample_repeats)
         mesh = devices.data_mesh(num)
         plan = autotune.resolve("auto", num // mesh.devices.size, "sample", mesh=mesh)
-        cases = [("jax-jit", lambda: jax_bench.sample_case(num, sampler, steps, conv=plan, **reps))]
+        cases = [("jax-jit", lambda: jax_bench.sample_case(num, sampler, steps, conv=plan))]
         if plan != autotune.ConvPlan("xla"):
-            cases.append(("jax-jit conv=xla", lambda: jax_bench.sample_case(num, sampler, steps, conv="xla", **reps)))
-        cases.append(("torch eager", lambda: torch_bench.sample_case(num, sampler, steps, compiled=None, device=device,
-                                                                      **reps)))
+            cases.append(("jax-jit conv=xla", lambda: jax_bench.sample_case(num, sampler, steps, conv="xla")))
+        cases.append(("torch eager", lambda: torch_bench.sample_case(num, sampler, steps, compiled=None, device=device)))
         if not args.skip_compile:
-            cases += [(f"torch.compile {m}", lambda m=m: torch_bench.sample_case(num, sampler, steps, compiled=m, device=device, **reps))
+            cases += [(f"torch.compile {m}", lambda m=m: torch_bench.sample_case(num, sampler, steps, compiled=m, device=device))
                       for m in compile_modes]
-        rows += _measure(f"{sampler.upper()}-{steps} sampling", num, "float32", cases, peak)
+        rows += _measure(f"{sampler.upper()}-{steps} sampling", num, "float32", cases, args.sample_repeats, peak)
     return {"machine": machine(), "matmul_peak_gflops": peak, "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
             "rows": rows}
 
 
-def _measure(case: str, batch: int, dtype: str, cases, peak: float) -> list[dict]:
+def _measure(case: str, batch: int, dtype: str, cases, repeats: int, peak: float) -> list[dict]:
+    """Rows of one case: every implementation compiled and warmed up first, then timed in turns."""
+    prepared = {}
+    for impl, prepare in cases:
+        prepared[impl] = prepare()
+        print(f"{case:>22} b={batch:<4} {dtype:9} {impl:34} compiled in {prepared[impl].info['compile_s']:.1f} s",
+              flush=True)
     rows = []
-    for impl, fn in cases:
-        result = fn()
+    for impl, result in time_in_turns(prepared, repeats).items():
         row = {"case": case, "impl": impl, "batch": batch, "dtype": dtype, **result,
                "images_per_s": batch / (result["ms"] / 1e3)}
         if result.get("flops"):
             row["gflops"] = result["flops"] / (result["ms"] / 1e3) / 1e9
             row["frac_of_peak"] = row["gflops"] / peak
         rows.append(row)
-        print(f"{case:>22} b={batch:<4} {dtype:9} {impl:28} {result['ms']:9.1f} ms  "
-              f"(compile {result.get('compile_s', 0):.1f} s)", flush=True)
+        print(f"{case:>22} b={batch:<4} {dtype:9} {impl:34} {result['ms']:9.1f} ms", flush=True)
     eager = next((r["ms"] for r in rows if r["impl"] == "torch eager"), None)
     for row in rows:
         row["speedup_vs_eager"] = eager / row["ms"] if eager else None

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import time_repeats, timed
+from benchmarks.timing import Case, time_repeats, timed
 from ddpm_recipe.schedule import linear_schedule
 from ddpm_recipe.settings import Config
 from unet_jax import devices
@@ -65,8 +65,9 @@ def direct_flops(images_u8: np.ndarray, batch: int, dtype: str) -> float | None:
 
 
 def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_devices: bool, steps_per_repeat: int,
-                    repeats: int, steps_per_dispatch: int = 1, conv="xla", direct_flops: float | None = None) -> dict:
-    """The trainer's own program: ms/step, compile time, and the FLOPs of a direct-convolution step.
+                    steps_per_dispatch: int = 1, conv="xla", direct_flops: float | None = None) -> Case:
+    """The trainer's own program, compiled and warmed up: its compile time and the FLOPs of a
+    direct-convolution step go with it.
 
     ``steps_per_repeat`` is rounded to a multiple of ``steps_per_dispatch``.
     """
@@ -84,27 +85,31 @@ def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_device
             if wait:
                 jax.block_until_ready(holder["acc"])
 
-    timing = time_repeats(run, lambda: jax.block_until_ready(holder["acc"]), warmup=1, repeats=repeats)
-    return {**_per(timing, dispatches * steps_per_dispatch), "compile_s": compile_s, "flops": direct_flops,
-            "devices": mesh.devices.size}
+    def sync():
+        jax.block_until_ready(holder["acc"])
+
+    run()  # the warm-up: first touches of memory
+    return Case(run, sync, dispatches * steps_per_dispatch,
+                {"compile_s": compile_s, "flops": direct_flops, "devices": mesh.devices.size})
 
 
-def sample_case(num: int, sampler: str, steps: int, *, repeats: int, conv="xla") -> dict:
-    """One compiled sampler program: seconds per batch of ``num`` images."""
+def sample_case(num: int, sampler: str, steps: int, *, conv="xla") -> Case:
+    """One compiled sampler program, warmed up: a repeat draws a batch of ``num`` images."""
     params = init_variables(jax.random.key(0))["params"]
     mesh = devices.data_mesh(num)
     params = jax.device_put(params, devices.replicated(mesh))
     kwargs = dict(model=Unet(conv=conv), num=num, sampler=sampler, steps=steps, sharding=devices.batch_sharding(mesh))
     _, compile_s = timed(lambda: generate.lower(params, jax.random.key(0), **kwargs).compile())
     out = [None]
-    timing = time_repeats(lambda: out.__setitem__(0, generate(params, jax.random.key(0), **kwargs)),
-                          lambda: jax.block_until_ready(out[0]), warmup=1, repeats=repeats)
-    return {**_per(timing, 1), "compile_s": compile_s, "devices": mesh.devices.size}
 
+    def run():
+        out[0] = generate(params, jax.random.key(0), **kwargs)
 
-def _per(timing: dict, calls: int) -> dict:
-    return {"ms": 1e3 * timing["median_s"] / calls, "ms_min": 1e3 * timing["min_s"] / calls,
-            "ms_max": 1e3 * timing["max_s"] / calls, "repeats": timing["repeats"]}
+    def sync():
+        jax.block_until_ready(out[0])
+
+    run()
+    return Case(run, sync, 1, {"compile_s": compile_s, "devices": mesh.devices.size})
 
 
 def _flops(stage) -> float | None:

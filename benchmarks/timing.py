@@ -3,6 +3,7 @@
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 def time_repeats(run: Callable[[], None], sync: Callable[[], None], *, warmup: int, repeats: int) -> dict:
@@ -24,3 +25,37 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
+
+
+@dataclass
+class Case:
+    """One implementation ready to time: compiled and warmed up.
+
+    ``run`` is one repeat, ``calls`` the steps (or sampler batches) it does, so that times are
+    per call; ``info`` goes into the result row as it is (compile time, FLOPs, devices).
+    """
+    run: Callable[[], None]
+    sync: Callable[[], None]
+    calls: int = 1
+    info: dict = field(default_factory=dict)
+
+
+def time_in_turns(cases: dict[str, Case], repeats: int) -> dict[str, dict]:
+    """ms per call of each case: the median and min-max over ``repeats`` rounds, in each of which
+    every case runs one repeat in turn.
+
+    On a shared machine a burst of load then falls on every case alike, where timing one case's
+    repeats after another's hands it to whichever ran then, and the ratios between rows, which
+    are the benchmark's result, swing with it.
+    """
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, case in cases.items():
+            case.sync()
+            start = time.perf_counter()
+            case.run()
+            case.sync()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: {"ms": 1e3 * statistics.median(s) / cases[name].calls, "ms_min": 1e3 * min(s) / cases[name].calls,
+                   "ms_max": 1e3 * max(s) / cases[name].calls, "repeats": repeats, **cases[name].info}
+            for name, s in seconds.items()}

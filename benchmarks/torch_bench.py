@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import torch
 
-from benchmarks.timing import time_repeats, timed
+from benchmarks.timing import Case, timed
 from ddpm_recipe.schedule import linear_schedule
 from unet_torch.diffusion import ddim_sample, ddpm_sample
 from unet_torch.model import Unet
@@ -29,9 +29,10 @@ def _batches(images_u8: np.ndarray, batch: int, device: str, count: int = 4):
     return out
 
 
-def train_step_case(images_u8, batch: int, dtype: str, *, compiled: str | None, device: str, steps_per_repeat: int,
-                    repeats: int) -> dict:
-    """ms per reference train step (forward, backward, Adam, EMA); ``compiled`` is a torch.compile mode."""
+def train_step_case(images_u8, batch: int, dtype: str, *, compiled: str | None, device: str,
+                    steps_per_repeat: int) -> Case:
+    """The reference train step (forward, backward, Adam, EMA), warmed up; ``compiled`` is a
+    torch.compile mode, whose compilation is in the first call's time (``compile_s``)."""
     torch.manual_seed(0)
     model = Unet().to(device)
     ema = copy.deepcopy(model)
@@ -48,15 +49,18 @@ def train_step_case(images_u8, batch: int, dtype: str, *, compiled: str | None, 
             apply_update(forward, ema, optimizer, scheduler, schedule, x0, t, noise, counter["i"], 0.999)
         counter["i"] += 1
 
+    def run():
+        for _ in range(steps_per_repeat):
+            one()
+
     sync = _sync(device)
     _, first_s = timed(lambda: (one(), sync()))  # torch.compile compiles on the first call(s)
-    timing = time_repeats(lambda: [one() for _ in range(steps_per_repeat)], sync, warmup=1, repeats=repeats)
-    return {"ms": 1e3 * timing["median_s"] / steps_per_repeat, "ms_min": 1e3 * timing["min_s"] / steps_per_repeat,
-            "ms_max": 1e3 * timing["max_s"] / steps_per_repeat, "repeats": repeats, "compile_s": first_s}
+    run()
+    return Case(run, sync, steps_per_repeat, {"compile_s": first_s})
 
 
-def sample_case(num: int, sampler: str, steps: int, *, compiled: str | None, device: str, repeats: int) -> dict:
-    """Seconds per batch of ``num`` images from the eager (or compiled) reference sampler."""
+def sample_case(num: int, sampler: str, steps: int, *, compiled: str | None, device: str) -> Case:
+    """The eager (or compiled) reference sampler, warmed up: a repeat draws a batch of ``num`` images."""
     torch.manual_seed(0)
     model = Unet().to(device).eval()
     forward = torch.compile(model, mode=compiled) if compiled else model
@@ -71,6 +75,6 @@ def sample_case(num: int, sampler: str, steps: int, *, compiled: str | None, dev
 
     sync = _sync(device)
     _, first_s = timed(lambda: (run(), sync()))
-    timing = time_repeats(run, sync, warmup=2 if compiled else 0, repeats=repeats)  # CUDA graphs record late
-    return {"ms": 1e3 * timing["median_s"], "ms_min": 1e3 * timing["min_s"], "ms_max": 1e3 * timing["max_s"],
-            "repeats": repeats, "compile_s": first_s}
+    for _ in range(2 if compiled else 0):  # CUDA graphs record late
+        run()
+    return Case(run, sync, 1, {"compile_s": first_s})

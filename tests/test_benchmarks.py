@@ -62,6 +62,26 @@ def test_two_generations_of_one_named_cpu_keep_their_own_results_files():
     assert machine_name(older) == "cpu-2core-amd-epyc-avx512"
 
 
+def test_the_rows_of_a_case_take_turns_and_report_ms_per_call(monkeypatch):
+    from benchmarks import timing
+
+    now, calls = [0.0], []
+
+    def case(name, seconds_per_repeat, calls_per_repeat):
+        def run():
+            calls.append(name)
+            now[0] += seconds_per_repeat.pop(0)
+        return timing.Case(run, lambda: None, calls_per_repeat, {"compile_s": 1.0})
+
+    monkeypatch.setattr(timing, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    # A burst of load in round two slows both rows alike: their ratio stays 2, and so do the medians'.
+    cases = {"jax": case("jax", [0.5, 5.0, 0.6], 5), "torch": case("torch", [1.0, 10.0, 1.2], 5)}
+    result = timing.time_in_turns(cases, repeats=3)
+    assert calls == ["jax", "torch"] * 3
+    assert result["jax"] == pytest.approx({"ms": 120.0, "ms_min": 100.0, "ms_max": 1000.0, "repeats": 3, "compile_s": 1.0})
+    assert result["torch"]["ms"] == pytest.approx(2 * result["jax"]["ms"])
+
+
 def _run(*args, env=None):
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
