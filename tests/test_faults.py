@@ -5,6 +5,7 @@ what is wrong, what to do) and a non-zero exit, never a traceback, and leaves no
 poisoned. Runs here are in-process on one device, except where a process boundary is the point.
 """
 
+import asyncio
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +153,9 @@ def test_the_lock_of_a_killed_trainer_does_not_block_its_resume(tmp_path):
     checkpoints.WorkdirLock(str(tmp_path)).release()  # the kernel dropped the dead holder's lock
 
 
+# Orbax's reads still in flight after the failed one used to print "Event loop is closed"
+# tracebacks amid the one-line warning; pytest reports such prints as this warning.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before_and_is_set_aside(run_copy, capsys):
     data_files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(run_copy, "checkpoints", "4"))
                   for name in names if "/d/" in os.path.join(root, name)]
@@ -165,6 +170,24 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before_and_is_set_a
     aside = os.path.join(run_copy, checkpoints.SET_ASIDE_DIR)
     assert [name.split("-")[0] for name in os.listdir(aside)] == ["4"], "the bad checkpoint is kept, never deleted"
     assert checkpoints.committed_steps(run_copy)[-1] == 6
+
+
+def test_only_callbacks_into_a_closed_event_loop_are_kept_quiet(monkeypatch):
+    passed_on = []
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+    checkpoints._quiet_reads_left_by_a_failed_restore()
+    checkpoints._quiet_reads_left_by_a_failed_restore()  # installed once, however many restores
+    loop = asyncio.new_event_loop()
+    loop.close()
+    for cause in (lambda: loop.call_soon_threadsafe(print), lambda: loop.call_soon(print), lambda: 1 / 0):
+        try:
+            cause()
+        except Exception as error:
+            sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, object=None,
+                                                     exc_traceback=error.__traceback__, err_msg=None))
+    # The same message from another caller, and any other error, still reach the hook that was there.
+    assert [type(u.exc_value) for u in passed_on] == [RuntimeError, ZeroDivisionError]
+    assert str(passed_on[0].exc_value) == "Event loop is closed"
 
 
 def test_a_checkpoint_missing_its_metadata_is_skipped_by_the_readers(run_copy, tmp_path):
@@ -187,11 +210,9 @@ def test_an_unwritable_checkpoint_folder_is_refused_before_training(tmp_path, ca
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "checkpoints").write_text("x")
-    started = time.monotonic()
     message = one_line_exit(main, "--workdir", str(workdir), "--steps", "2", "--ckpt-every", "2", *TINY_FLAGS)
     assert "cannot write to" in message and "checkpoints" in message
     assert "compiled the train step" not in capsys.readouterr().out
-    assert time.monotonic() - started < 60
 
 
 def _raise_no_space(self, step, *args, **kwargs):

@@ -9,7 +9,9 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
+import traceback
 
 import jax
 import orbax.checkpoint as ocp
@@ -145,6 +147,7 @@ def restore_newest_readable(mgr: ocp.CheckpointManager, args_for_step, *, set_as
     """
     steps = sorted(mgr.all_steps(), reverse=True)
     unreadable = []
+    _quiet_reads_left_by_a_failed_restore()
     for step in steps:
         try:
             restored = mgr.restore(step, args=args_for_step(step))
@@ -161,6 +164,30 @@ def restore_newest_readable(mgr: ocp.CheckpointManager, args_for_step, *, set_as
         raise NoReadableCheckpointError(f"no checkpoint in {mgr.directory} can be restored ({listed}); they are "
                                         "left as they are: use another --workdir, or move them away to start over")
     return None, None
+
+
+def _quiet_reads_left_by_a_failed_restore() -> None:
+    """Keep the one-line warning of a damaged checkpoint one line.
+
+    When one read of a restore fails, the reads still in flight finish on TensorStore's threads
+    and hand their results to the asyncio loop that Orbax has already closed; Python prints each
+    as an ignored "Event loop is closed" traceback, several of them amid the run's output. Only
+    that exception, raised in ``call_soon_threadsafe``, is dropped; every other unraisable
+    exception goes to the hook that was there before.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_callbacks_into_a_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        into_closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and any(
+            frame.f_code.co_name == "call_soon_threadsafe" for frame, _ in traceback.walk_tb(unraisable.exc_traceback))
+        if not into_closed_loop:
+            previous(unraisable)
+
+    hook.drops_callbacks_into_a_closed_loop = True
+    sys.unraisablehook = hook
 
 
 def _set_aside(mgr: ocp.CheckpointManager, steps: list[int], log) -> None:
