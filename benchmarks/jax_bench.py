@@ -88,7 +88,8 @@ def train_step_case(images_u8: np.ndarray, batch: int, dtype: str, *, all_device
     def sync():
         jax.block_until_ready(holder["acc"])
 
-    run()  # the warm-up: first touches of memory
+    run()  # the warm-up: first touches of memory, finished before the next case compiles
+    sync()
     return Case(run, sync, dispatches * steps_per_dispatch,
                 {"compile_s": compile_s, "flops": direct_flops, "devices": mesh.devices.size})
 
@@ -109,6 +110,7 @@ def sample_case(num: int, sampler: str, steps: int, *, conv="xla") -> Case:
         jax.block_until_ready(out[0])
 
     run()
+    sync()
     return Case(run, sync, 1, {"compile_s": compile_s, "devices": mesh.devices.size})
 
 

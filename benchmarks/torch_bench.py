@@ -11,8 +11,6 @@ from unet_torch.diffusion import ddim_sample, ddpm_sample
 from unet_torch.model import Unet
 from unet_torch.train import apply_update, make_optimizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def _sync(device: str):
     return (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
@@ -56,6 +54,7 @@ def train_step_case(images_u8, batch: int, dtype: str, *, compiled: str | None, 
     sync = _sync(device)
     _, first_s = timed(lambda: (one(), sync()))  # torch.compile compiles on the first call(s)
     run()
+    sync()
     return Case(run, sync, steps_per_repeat, {"compile_s": first_s})
 
 
@@ -77,4 +76,5 @@ def sample_case(num: int, sampler: str, steps: int, *, compiled: str | None, dev
     _, first_s = timed(lambda: (run(), sync()))
     for _ in range(2 if compiled else 0):  # CUDA graphs record late
         run()
+    sync()
     return Case(run, sync, 1, {"compile_s": first_s})

@@ -269,11 +269,16 @@ def test_a_coordinator_whose_peers_never_start_names_them_and_exits():
                                      "--init-timeout 3 s; start them with the same --coordinator and --num-processes")
 
 
-def _roll_call_in_threads(timeouts: dict[int, float], n: int, start_delays: dict[int, float]) -> dict:
-    """Run devices._roll_call for the given process ids in threads; returns {id: None or the error}."""
+def _roll_call_in_threads(timeouts: dict[int, float], n: int, start_delays: dict[int, float] | None = None,
+                          starts_after: dict[int, int] | None = None) -> dict:
+    """Run devices._roll_call for the given process ids in threads; returns {id: None or the error}.
+    A process in ``starts_after`` starts once the named one's roll call has ended."""
     port, results = _free_port(), {}
+    start_delays, starts_after = start_delays or {}, starts_after or {}
 
     def one(pid):
+        if pid in starts_after:
+            threads[starts_after[pid]].join()
         time.sleep(start_delays.get(pid, 0))
         cluster = devices.Cluster(coordinator=f"127.0.0.1:{port}", num_processes=n, process_id=pid,
                                   init_timeout_s=timeouts[pid])
@@ -283,24 +288,24 @@ def _roll_call_in_threads(timeouts: dict[int, float], n: int, start_delays: dict
         except devices.RollCallError as error:
             results[pid] = str(error)
 
-    threads = [threading.Thread(target=one, args=(pid,)) for pid in timeouts]
-    for thread in threads:
+    threads = {pid: threading.Thread(target=one, args=(pid,)) for pid in timeouts}
+    for thread in threads.values():
         thread.start()
-    for thread in threads:
+    for thread in threads.values():
         thread.join(timeout=60)
     return results
 
 
 def test_a_process_whose_coordinator_never_starts_says_so():
-    results = _roll_call_in_threads({1: 2}, n=2, start_delays={})
+    results = _roll_call_in_threads({1: 2}, n=2)
     assert results[1].startswith("process 0 (the coordinator at 127.0.0.1:")
 
 
 def test_a_roll_call_gathers_everyone_and_forgets_those_who_gave_up():
     assert _roll_call_in_threads({0: 20, 1: 20, 2: 20}, n=3, start_delays={2: 1}) == {0: None, 1: None, 2: None}
-    # Process 1 comes early and gives up after 1 s; process 2 comes at 2 s: process 0 must not count
-    # process 1 as present, or jax.distributed would start one process short.
-    results = _roll_call_in_threads({0: 5, 1: 1, 2: 5}, n=3, start_delays={2: 2})
+    # Process 1 comes early and gives up after 1 s; process 2 comes only then: process 0 must not
+    # count process 1 as present, or jax.distributed would start one process short.
+    results = _roll_call_in_threads({0: 5, 1: 1, 2: 5}, n=3, starts_after={2: 1})
     assert results[0].startswith("process id(s) 1 of 3 never connected"), results
 
 

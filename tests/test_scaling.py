@@ -133,7 +133,8 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(tmp_path):
 
 def _kill_after_a_checkpoint(workdir, flags, killed: int, past: int):
     """Launch the 2-process run, SIGKILL process ``killed`` once a checkpoint past step ``past`` is on
-    disk, and return (the survivor's exit code, stdout and stderr, seconds it took to stop)."""
+    disk, and return the survivor's (exit code, stdout, stderr); it must stop within ``finish``'s timeout,
+    not hang."""
     procs = launch(workdir, flags, processes=2, port=free_port())
     try:
         deadline = time.monotonic() + TIMEOUT_S
@@ -142,9 +143,8 @@ def _kill_after_a_checkpoint(workdir, flags, killed: int, past: int):
             assert time.monotonic() < deadline, f"no checkpoint past step {past} was written"
             time.sleep(0.1)
         procs[killed].kill()
-        killed_at = time.monotonic()
         (rc, out, err), = finish([procs[1 - killed]], timeout=90)
-        return rc, out, err, time.monotonic() - killed_at
+        return rc, out, err
     finally:
         finish(procs, timeout=1)
 
@@ -160,13 +160,13 @@ def two_processes(tmp_path_factory):
     flags = [*TINY, "--steps", "40", "--ckpt-every", "10"]  # --steps: the last one wins
     kills, saved_step = [], 0
     for killed in (0, 1):
-        rc, out, err, waited = _kill_after_a_checkpoint(workdir, flags, killed, past=saved_step)
+        rc, out, err = _kill_after_a_checkpoint(workdir, flags, killed, past=saved_step)
         if killed == 0:
             step_10 = tmp_path_factory.mktemp("step_10")
             shutil.copytree(workdir / "checkpoints" / "10", step_10 / "checkpoints" / "10")
             shutil.copy(workdir / "config.json", step_10)
         resumed_from, saved_step = saved_step, checkpoints.restore_latest_params(str(workdir))[1]["step"]
-        kills.append({"killed": killed, "rc": rc, "out": out, "err": err, "waited": waited,
+        kills.append({"killed": killed, "rc": rc, "out": out, "err": err,
                       "resumed_from": resumed_from, "saved_step": saved_step})
     finished = run_ok(workdir, flags, processes=2)
     (_, one_process_out, _), = run_ok(workdir, [*flags, "--steps", "45"])
@@ -197,7 +197,6 @@ JAX_ABORT = "Terminating process because the JAX distributed service detected fa
 @pytest.mark.parametrize("killed", [0, 1], ids=["coordinator", "worker"])
 def test_a_killed_process_stops_the_other_in_one_line(two_processes, killed):
     kill = two_processes["kills"][killed]
-    assert kill["waited"] < 60, f"the surviving process took {kill['waited']:.0f} s to stop"
     assert kill["resumed_from"] < kill["saved_step"] < 40
     if killed == 0 and kill["rc"] == -signal.SIGABRT:
         assert JAX_ABORT in kill["err"], kill["err"][-3000:]

@@ -132,6 +132,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, warm_autotune_cache)
         while not os.path.isdir(os.path.join(killed, "checkpoints", "10")) and time.time() < deadline:
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.05)
+        assert os.path.isdir(os.path.join(killed, "checkpoints", "10")), "no checkpoint of step 10 was written"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()

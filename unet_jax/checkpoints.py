@@ -147,11 +147,11 @@ def restore_newest_readable(mgr: ocp.CheckpointManager, args_for_step, *, set_as
     """
     steps = sorted(mgr.all_steps(), reverse=True)
     unreadable = []
-    _quiet_reads_left_by_a_failed_restore()
     for step in steps:
         try:
             restored = mgr.restore(step, args=args_for_step(step))
         except Exception as error:  # a damaged checkpoint fails in Orbax, TensorStore or msgpack alike
+            _quiet_reads_left_by_a_failed_restore()
             reason = first_line(error)
             unreadable.append((step, reason[:200]))
             log(f"warning: checkpoint step {step} in {mgr.directory} cannot be restored ({reason[:200]})")
@@ -171,9 +171,10 @@ def _quiet_reads_left_by_a_failed_restore() -> None:
 
     When one read of a restore fails, the reads still in flight finish on TensorStore's threads
     and hand their results to the asyncio loop that Orbax has already closed; Python prints each
-    as an ignored "Event loop is closed" traceback, several of them amid the run's output. Only
-    that exception, raised in ``call_soon_threadsafe``, is dropped; every other unraisable
-    exception goes to the hook that was there before.
+    as an ignored "Event loop is closed" traceback, several of them amid the run's output. From
+    the first failed restore on, only that exception, raised in asyncio's own
+    ``call_soon_threadsafe``, is dropped; every other unraisable exception goes to the hook that
+    was there before. Called from the main thread only.
     """
     previous = sys.unraisablehook
     if getattr(previous, "drops_callbacks_into_a_closed_loop", False):
@@ -182,7 +183,8 @@ def _quiet_reads_left_by_a_failed_restore() -> None:
     def hook(unraisable):
         error = unraisable.exc_value
         into_closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed" and any(
-            frame.f_code.co_name == "call_soon_threadsafe" for frame, _ in traceback.walk_tb(unraisable.exc_traceback))
+            frame.f_code.co_name == "call_soon_threadsafe" and frame.f_globals.get("__name__") == "asyncio.base_events"
+            for frame, _ in traceback.walk_tb(unraisable.exc_traceback))
         if not into_closed_loop:
             previous(unraisable)
 
@@ -205,17 +207,6 @@ def _set_aside(mgr: ocp.CheckpointManager, steps: list[int], log) -> None:
 
         multihost_utils.sync_global_devices("unet_jax: unreadable checkpoints set aside")
     mgr.reload()
-
-
-def has_checkpoints(workdir: str) -> bool:
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        return False
-    mgr = ocp.CheckpointManager(directory)
-    try:
-        return mgr.latest_step() is not None
-    finally:
-        mgr.close()
 
 
 def refuse_a_torch_run(workdir: str) -> None:
