@@ -121,6 +121,33 @@ def test_torch_trainer_says_in_one_line_what_it_cannot_use(tmp_path):
         main(["--workdir", str(broken), "--steps", "1", *TORCH_TINY])
 
 
+def test_torch_trainer_refuses_a_checkpoint_not_its_own_and_stops_on_a_failed_save(tmp_path, monkeypatch):
+    workdir = tmp_path / "torch"
+    workdir.mkdir()
+    torch.save(Unet().state_dict(), workdir / "checkpoint.pt")  # a plain state_dict under the trainer's name
+    with pytest.raises(SystemExit, match=r"^error: .*checkpoint.pt is not this trainer's checkpoint \(it has no model, "
+                                         r"ema, optimizer, scheduler, step, generator\); move it away"):
+        main(["--workdir", str(workdir), "--steps", "1", *TORCH_TINY])
+    assert not (workdir / "config.json").exists()  # so the command is not refused once the file is moved away
+    (workdir / "checkpoint.pt").unlink()
+    main(["--workdir", str(workdir), "--steps", "1", *TORCH_TINY])
+    saved = torch.load(workdir / "checkpoint.pt", weights_only=True)
+    torch.save(saved | {"model": {"weight": torch.zeros(1)}}, workdir / "checkpoint.pt")
+    with pytest.raises(SystemExit, match=r"^error: .*checkpoint.pt does not fit this trainer's model and optimiser "):
+        main(["--workdir", str(workdir), "--steps", "2", *TORCH_TINY])
+    torch.save(saved, workdir / "checkpoint.pt")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=r"^error: saving the checkpoint of step 2 to .*checkpoint.pt failed \(No space "
+                                         r"left on device\); stopping. The run resumes from its last saved checkpoint$"):
+        main(["--workdir", str(workdir), "--steps", "2", *TORCH_TINY])
+    monkeypatch.undo()
+    assert torch.load(workdir / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
 def test_torch_trainer_resumes_without_rereading_init_from(tmp_path):
     weights = tmp_path / "start.pt"
     torch.save(Unet().state_dict(), weights)

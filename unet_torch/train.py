@@ -21,6 +21,7 @@ from torchvision.transforms import Compose, Normalize, ToTensor
 from tqdm import tqdm
 
 from ddpm_recipe import digits
+from ddpm_recipe.errors import first_line
 from ddpm_recipe.run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -108,7 +109,8 @@ def _loader(config, generator) -> tuple[DataLoader, str]:
 
 
 class TorchRunError(RuntimeError):
-    """The run cannot start or go on: another run's workdir, or a non-finite step."""
+    """The run cannot start or go on: another run's workdir, a file in it that is not this
+    trainer's checkpoint, a non-finite step, or a checkpoint that could not be saved."""
 
 
 def _identity(config: Config, data_fingerprint: str) -> dict:
@@ -134,6 +136,33 @@ def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(identity, f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
+
+
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "generator")
+
+
+def _restore(path: str, model, ema, optimizer, scheduler, generator) -> int:
+    """Load the run's own checkpoint into its model, EMA, optimiser, schedule and generator; returns its step.
+
+    A file there that is not this trainer's checkpoint (a state_dict saved under the same name,
+    another model's) is refused in one line, and left where it is.
+    """
+    try:
+        saved = load_state_dict(path)
+    except WeightsFileError as error:
+        raise WeightsFileError(f"the run's own checkpoint: {error}. Move it away to start the run over") from None
+    missing = [key for key in CHECKPOINT_KEYS if key not in saved]
+    if missing:
+        raise TorchRunError(f"{path} is not this trainer's checkpoint (it has no {', '.join(missing)}); move it away "
+                            "to start the run over")
+    try:
+        for obj, key in ((model, "model"), (ema, "ema"), (optimizer, "optimizer"), (scheduler, "scheduler")):
+            obj.load_state_dict(saved[key])
+        generator.set_state(saved["generator"])
+        return int(saved["step"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        raise TorchRunError(f"{path} does not fit this trainer's model and optimiser ({first_line(error)[:200]}); move it away "
+                            "to start the run over") from None
 
 
 def _not_finite(model) -> list[str]:
@@ -162,22 +191,15 @@ def train(config: Config) -> dict:
     ema = Unet()
     ema.load_state_dict(model.state_dict())
     optimizer, scheduler = make_optimizer(model, config.lr, config.warmup_steps, config.decay_steps)
-    start = 0
-    # The data is read (and the batch checked against it) before the run is recorded: a refused
-    # --batch-size or --data must not leave a record that would refuse the corrected command.
+    # The data and the run's own checkpoint are read (and the batch checked against the data)
+    # before the run is recorded: a refused --batch-size or --data, or a checkpoint.pt that is not
+    # this trainer's, must not leave a record that would refuse the corrected command.
     loader, data_fingerprint = _loader(config, generator)  # draws from the generator only when iterated
+    start = _restore(checkpoint_path, model, ema, optimizer, scheduler, generator) if resuming else 0
     # After --init-from is read: a bad file leaves no folder behind.
     make_writable_folders(config.workdir, os.path.join(config.workdir, "samples"))
     _check_workdir(config, resuming=resuming, data_fingerprint=data_fingerprint)
     if resuming:
-        try:
-            saved = load_state_dict(checkpoint_path)
-        except WeightsFileError as error:
-            raise WeightsFileError(f"the run's own checkpoint: {error}. Move it away to start the run over") from None
-        for obj, key in ((model, "model"), (ema, "ema"), (optimizer, "optimizer"), (scheduler, "scheduler")):
-            obj.load_state_dict(saved[key])
-        generator.set_state(saved["generator"])
-        start = saved["step"]
         print(f"resumed {config.workdir} from step {start}")
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
 
@@ -188,11 +210,16 @@ def train(config: Config) -> dict:
     step, window, t0 = start, [], time.perf_counter()
 
     def save():
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step, "generator": generator.get_state()},
-                   checkpoint_path + ".tmp")
-        os.replace(checkpoint_path + ".tmp", checkpoint_path)
-        torch.save(ema.state_dict(), os.path.join(config.workdir, "model.pt"))
+        try:
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "step": step, "generator": generator.get_state()},
+                       checkpoint_path + ".tmp")
+            os.replace(checkpoint_path + ".tmp", checkpoint_path)
+            torch.save(ema.state_dict(), os.path.join(config.workdir, "model.pt"))
+        except OSError as error:  # the .tmp is written first: the checkpoint before stays whole
+            raise TorchRunError(f"saving the checkpoint of step {step} to {checkpoint_path} failed "
+                                f"({error.strerror or error}); stopping. The run resumes from its last saved "
+                                "checkpoint") from None
 
     while step < config.steps:
         for x0, _ in loader:
