@@ -1,8 +1,10 @@
 """The sample-quality metric itself: accuracy of its classifier and sanity of its Frechet distance."""
 
+import glob
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -193,3 +195,23 @@ def _blur(images, radius):
             out += padded[:, dy: dy + 28, dx: dx + 28]
     return out / size**2
 
+
+
+def test_a_damaged_classifier_cache_is_trained_again_with_a_note(tmp_path, monkeypatch, capsys):
+    trained = []
+
+    def quick_train(digits, epochs):  # the cache's handling is under test, not the training
+        trained.append(epochs)
+        return evaluate.LeNet().init(jax.random.key(1), jnp.zeros((1, 28, 28, 1)))["params"]
+
+    monkeypatch.setattr(evaluate, "train_classifier", quick_train)
+    cache = str(tmp_path / "cache")
+    first, _, _ = evaluate.load_or_train_classifier(data.BUNDLED, cache, epochs=1)
+    (weights,) = glob.glob(os.path.join(cache, "*.msgpack"))
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    again, _, _ = evaluate.load_or_train_classifier(data.BUNDLED, cache, epochs=1)
+    assert len(trained) == 2 and f"note: the cached classifier {weights} cannot be read (" in capsys.readouterr().out
+    read, _, _ = evaluate.load_or_train_classifier(data.BUNDLED, cache, epochs=1)
+    assert len(trained) == 2, "the cache written again reads"
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(read)))

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from ddpm_recipe.errors import first_line
 from ddpm_recipe.settings import SAMPLERS, finite, positive, seed
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.diffusion import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
@@ -145,11 +146,14 @@ def load_or_train_classifier(source: str, cache_dir: str, *, epochs: int | None 
     path, info_path = os.path.join(cache_dir, key + ".msgpack"), os.path.join(cache_dir, key + ".json")
     template = LeNet().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
     if os.path.exists(path) and os.path.exists(info_path):
-        with open(path, "rb") as f:
-            params = serialization.from_bytes(template, f.read())
-        with open(info_path) as f:
-            held_out_accuracy = json.load(f)["held_out_accuracy"]
-        return params, held_out_accuracy, held_out
+        try:
+            with open(path, "rb") as f:
+                params = serialization.from_bytes(template, f.read())
+            with open(info_path) as f:
+                held_out_accuracy = float(json.load(f)["held_out_accuracy"])
+            return params, held_out_accuracy, held_out
+        except Exception as error:  # a damaged cache fails in msgpack, Flax or json alike; it is only a cache
+            print(f"note: the cached classifier {path} cannot be read ({first_line(error)[:200]}); training it again")
     try:  # before the training: a cache that cannot be written says so before the work is done
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as error:
