@@ -90,7 +90,8 @@ def run(args) -> dict:
         cases = [("jax-jit", lambda: jax_bench.sample_case(num, sampler, steps, conv=plan))]
         if plan != autotune.ConvPlan("xla"):
             cases.append(("jax-jit conv=xla", lambda: jax_bench.sample_case(num, sampler, steps, conv="xla")))
-        cases.append(("torch eager", lambda: torch_bench.sample_case(num, sampler, steps, compiled=None, device=device)))
+        cases.append(("torch eager",
+                      lambda: torch_bench.sample_case(num, sampler, steps, compiled=None, device=device)))
         if not args.skip_compile:
             cases += [(f"torch.compile {m}", lambda m=m: torch_bench.sample_case(num, sampler, steps, compiled=m, device=device))
                       for m in compile_modes]
@@ -144,7 +145,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=None,
                         help="train-step dtypes (default: float32, and bfloat16 where the GPU or CPU has it)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--images-per-repeat", type=int, default=256, help="train steps per timed repeat = this // batch (JAX rows: rounded to a multiple of the steps per dispatch)")
+    parser.add_argument("--images-per-repeat", type=int, default=256,
+                        help="train steps per timed repeat = this // batch (JAX rows: rounded to whole dispatches)")
     parser.add_argument("--ddim-images", type=int, default=64)
     parser.add_argument("--ddpm-images", type=int, default=None, help="0 skips DDPM-1000 (default: 256 on GPU, 16 on CPU)")
     parser.add_argument("--sample-repeats", type=int, default=3)

@@ -48,14 +48,13 @@ def time_in_turns(cases: dict[str, Case], repeats: int) -> dict[str, dict]:
     repeats after another's hands it to whichever ran then, and the ratios between rows, which
     are the benchmark's result, swing with it.
     """
-    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    ms: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, case in cases.items():
             case.sync()
             start = time.perf_counter()
             case.run()
             case.sync()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: {"ms": 1e3 * statistics.median(s) / cases[name].calls, "ms_min": 1e3 * min(s) / cases[name].calls,
-                   "ms_max": 1e3 * max(s) / cases[name].calls, "repeats": repeats, **cases[name].info}
-            for name, s in seconds.items()}
+            ms[name].append(1e3 * (time.perf_counter() - start) / case.calls)
+    return {name: {"ms": statistics.median(m), "ms_min": min(m), "ms_max": max(m), "repeats": repeats,
+                   **cases[name].info} for name, m in ms.items()}

@@ -196,7 +196,6 @@ def _blur(images, radius):
     return out / size**2
 
 
-
 def test_a_damaged_classifier_cache_is_trained_again_with_a_note(tmp_path, monkeypatch, capsys):
     trained = []
 

@@ -161,8 +161,8 @@ def _restore(path: str, model, ema, optimizer, scheduler, generator) -> int:
         generator.set_state(saved["generator"])
         return int(saved["step"])
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        raise TorchRunError(f"{path} does not fit this trainer's model and optimiser ({first_line(error)[:200]}); move it away "
-                            "to start the run over") from None
+        raise TorchRunError(f"{path} does not fit this trainer's model and optimiser ({first_line(error)[:200]}); "
+                            "move it away to start the run over") from None
 
 
 def _not_finite(model) -> list[str]:
