@@ -147,11 +147,11 @@ def restore_newest_readable(mgr: ocp.CheckpointManager, args_for_step, *, set_as
     """
     steps = sorted(mgr.all_steps(), reverse=True)
     unreadable = []
+    _quiet_reads_left_by_a_failed_restore()  # before: the stray reads may come before the failure is raised
     for step in steps:
         try:
             restored = mgr.restore(step, args=args_for_step(step))
         except Exception as error:  # a damaged checkpoint fails in Orbax, TensorStore or msgpack alike
-            _quiet_reads_left_by_a_failed_restore()
             reason = first_line(error)
             unreadable.append((step, reason[:200]))
             log(f"warning: checkpoint step {step} in {mgr.directory} cannot be restored ({reason[:200]})")
@@ -171,10 +171,10 @@ def _quiet_reads_left_by_a_failed_restore() -> None:
 
     When one read of a restore fails, the reads still in flight finish on TensorStore's threads
     and hand their results to the asyncio loop that Orbax has already closed; Python prints each
-    as an ignored "Event loop is closed" traceback, several of them amid the run's output. From
-    the first failed restore on, only that exception, raised in asyncio's own
-    ``call_soon_threadsafe``, is dropped; every other unraisable exception goes to the hook that
-    was there before. Called from the main thread only.
+    as an ignored "Event loop is closed" traceback, several of them amid the run's output, some
+    before the failure reaches the caller; so this is installed before the first restore. Only
+    that exception, raised in asyncio's own ``call_soon_threadsafe``, is dropped; every other
+    unraisable exception goes to the hook that was there before. Called from the main thread only.
     """
     previous = sys.unraisablehook
     if getattr(previous, "drops_callbacks_into_a_closed_loop", False):
