@@ -161,6 +161,18 @@ def test_a_warm_cache_measures_nothing(cache_dir, counted_measure):
     assert len(counted_measure) == 3
 
 
+def test_a_batch_past_the_measured_one_is_timed_at_it_and_shares_its_cache_entry(cache_dir, counted_measure, capsys):
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    cap = autotune.MAX_MEASURED_BATCH
+    assert autotune.autotune(4 * cap, "train", mesh=mesh) == FAKE_PLAN
+    assert counted_measure == [(cap, "train")]  # the global batch measured: the cap on each device
+    assert f"batch {cap} per device, standing in for {4 * cap} on 1 device(s)" in capsys.readouterr().out
+    assert autotune.autotune(2 * cap, "train", mesh=mesh) == autotune.autotune(cap, "train", mesh=mesh) == FAKE_PLAN
+    assert len(counted_measure) == 1  # every batch from the cap up reads the one entry
+    autotune.autotune(cap - 1, "train", mesh=mesh, log=lambda *_: None)  # below it, each batch is its own
+    assert counted_measure[1:] == [(cap - 1, "train")]
+
+
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 99, "entries": {}}), json.dumps([1, 2]),
                                      json.dumps({"version": 1, "entries": {"k": {"plan": {"default": "fft"}}}})])
 def test_a_corrupt_or_foreign_cache_is_ignored_with_a_warning_and_rewritten(cache_dir, counted_measure, content):

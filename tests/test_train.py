@@ -117,7 +117,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, warm_autotune_cache)
     # The program `make train` runs: a device per core, 5 steps per dispatch (logs and checkpoints
     # at multiples of 5), the 3x3 conv lowerings chosen by --conv auto, here from a warm cache
     # that mixes lowerings as a measured plan does.
-    flags = TINY_FLAGS[:-4] + ["--log-every", "10", "--steps", "40", "--ckpt-every", "5"]
+    flags = TINY_FLAGS[:-4] + ["--log-every", "5", "--steps", "25", "--ckpt-every", "5"]
     assert "--conv" not in flags and Config().steps_per_dispatch == 5
     plan = ConvPlan("tapgrad", (("28x28 1->64", "im2col"),))
     env = warm_autotune_cache(tmp_path / "autotune", train=plan, sample="xla") | {"PYTHONUNBUFFERED": "1"}
@@ -138,12 +138,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, warm_autotune_cache)
         proc.kill()
         proc.wait(timeout=60)
     interrupted_at = _params(killed)["step"]
-    assert 10 <= interrupted_at < 40, interrupted_at
+    assert 10 <= interrupted_at < 25, interrupted_at
 
     subprocess.run([sys.executable, "-m", "unet_jax.train", "--workdir", killed, *flags], check=True, env=env,
                    capture_output=True, timeout=300)
     a, b = _params(straight), _params(killed)
-    assert a["step"] == b["step"] == 40
+    assert a["step"] == b["step"] == 25
     assert checkpoints.read_conv_plan(straight) == checkpoints.read_conv_plan(killed) == plan  # auto read the cache
     for key in ("params", "ema_params"):
         for x, y in zip(jax.tree.leaves(a[key]), jax.tree.leaves(b[key])):

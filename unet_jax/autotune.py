@@ -2,8 +2,8 @@
 
 No lowering of the 3x3 convolution is fastest everywhere (see ``unet_jax/layers.py``), so, as
 cuDNN's autotuner does, the candidate lowerings (``CANDIDATES``) are timed side by side on the
-network's real layer shapes at the run's per-device batch, over the devices the run will use:
-for training, forward and gradients (the kernel's alone for the layer that reads the image, as
+network's real layer shapes at the run's per-device batch (``MAX_MEASURED_BATCH`` at most), over
+the devices the run will use: for training, forward and gradients (the kernel's alone for the layer that reads the image, as
 in the train step); for sampling, forward alone. The fastest per shape makes a ``ConvPlan``.
 
 The plan is cached per machine (CPU model and flags, backend, JAX version, device count,
@@ -51,6 +51,10 @@ WARM_UP_CUTOFF = 3.0
 # this share of the fastest plan's: one `xla` layer makes the trainer unroll its steps
 # (step.loops_at_full_speed), which compiles the program several times longer.
 XLA_MARGIN = 0.1
+# Larger per-device batches are timed at this one. Past it each lowering's time grows with the
+# batch alike, so the choice holds, and the slowest candidates' calls (XLA's weight-gradient
+# convolution on some CPUs: seconds per call) would otherwise make measuring minutes long.
+MAX_MEASURED_BATCH = 64
 
 
 def parse_shape(key: str) -> tuple[int, int, int, int]:
@@ -230,25 +234,32 @@ def _write_cache(path: str, entries: dict) -> None:
         warnings.warn(f"could not write the conv autotune cache {path}: {error.strerror or error}", stacklevel=3)
 
 
+def measured_batch(batch: int) -> int:
+    """The per-device batch at which a run of ``batch`` per device times the lowerings (and caches the plan)."""
+    return min(batch, MAX_MEASURED_BATCH)
+
+
 def autotune(batch: int, mode: str = "train", *, mesh=None, remeasure: bool = False, log=print) -> ConvPlan:
     """The fastest lowering per layer shape at ``batch`` per device: cached, or measured and cached.
 
     ``mesh`` is the devices the run uses (default: every local device); the measured batch is
-    ``batch`` on each of them.
+    ``measured_batch(batch)`` on each of them.
     """
     if mode not in MODES:
         raise ValueError(f"expected mode in {MODES}, got {mode!r}")
     if jax.default_backend() != "cpu":
         return ConvPlan("xla")
     mesh = mesh or jax.sharding.Mesh(jax.local_devices(), ("data",))
-    count = mesh.devices.size
-    path, key = cache_path(), machine_key(batch, mode, count)
+    count, timed = mesh.devices.size, measured_batch(batch)
+    path, key = cache_path(), machine_key(timed, mode, count)
     entries = _read_cache(path)
     if key in entries and not remeasure:
         return ConvPlan.from_json(entries[key]["plan"])
-    log(f"timing the 3x3 conv lowerings ({mode}, batch {batch} per device on {count} device(s)); cached in {path}")
+    standing_in = "" if timed == batch else f", standing in for {batch}"
+    log(f"timing the 3x3 conv lowerings ({mode}, batch {timed} per device{standing_in} on {count} device(s)); "
+        f"cached in {path}")
     start = time.perf_counter()
-    plan, table = measure(batch * count, mode, mesh, log=log)
+    plan, table = measure(timed * count, mode, mesh, log=log)
     log(f"  chose in {time.perf_counter() - start:.1f} s: {plan.describe()}")
     entries = _read_cache(path) if os.path.exists(path) else {}  # another run may have written meanwhile
     entries[key] = {"plan": plan.to_json(), "ms": table, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -295,12 +306,13 @@ def main(argv=None) -> None:
     devices.use_all_cpu_cores(args.batch)  # as the trainer: a device per core that splits the batch
     mesh = devices.data_mesh(args.batch)
     per_device = args.batch // mesh.devices.size
-    key = machine_key(per_device, args.mode, mesh.devices.size)
+    key = machine_key(measured_batch(per_device), args.mode, mesh.devices.size)
     cached = key in _read_cache(cache_path()) and not args.remeasure
     plan = autotune(per_device, args.mode, mesh=mesh, remeasure=args.remeasure)
     entry = _read_cache(cache_path()).get(key)
     layers = conv_layers()
-    print(f"\n3x3 conv lowerings on {jax.default_backend()}, {args.mode}, batch {per_device} per device on "
+    timed_at = "" if measured_batch(per_device) == per_device else f" (timed at {measured_batch(per_device)})"
+    print(f"\n3x3 conv lowerings on {jax.default_backend()}, {args.mode}, batch {per_device} per device{timed_at} on "
           f"{mesh.devices.size} device(s); ms per call{', from the cache' if cached else ''}:\n")
     names = CANDIDATES[args.mode]
     print("| layer shape | layers | " + " | ".join(names) + " | chosen |")
