@@ -3,8 +3,9 @@
 No lowering of the 3x3 convolution is fastest everywhere (see ``unet_jax/layers.py``), so, as
 cuDNN's autotuner does, the candidate lowerings (``CANDIDATES``) are timed side by side on the
 network's real layer shapes at the run's per-device batch (``MAX_MEASURED_BATCH`` at most), over
-the devices the run will use: for training, forward and gradients (the kernel's alone for the layer that reads the image, as
-in the train step); for sampling, forward alone. The fastest per shape makes a ``ConvPlan``.
+the devices the run will use: for training, forward and gradients (the kernel's alone for the
+layer that reads the image, as in the train step); for sampling, forward alone. The fastest
+per shape makes a ``ConvPlan``.
 
 The plan is cached per machine (CPU model and flags, backend, JAX version, device count,
 per-device batch, mode) in ``$UNET_JAX_CACHE_DIR`` or ``~/.cache/unet_jax``: a warm cache
