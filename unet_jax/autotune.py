@@ -307,12 +307,13 @@ def main(argv=None) -> None:
     devices.use_all_cpu_cores(args.batch)  # as the trainer: a device per core that splits the batch
     mesh = devices.data_mesh(args.batch)
     per_device = args.batch // mesh.devices.size
-    key = machine_key(measured_batch(per_device), args.mode, mesh.devices.size)
+    timed = measured_batch(per_device)
+    key = machine_key(timed, args.mode, mesh.devices.size)
     cached = key in _read_cache(cache_path()) and not args.remeasure
     plan = autotune(per_device, args.mode, mesh=mesh, remeasure=args.remeasure)
     entry = _read_cache(cache_path()).get(key)
     layers = conv_layers()
-    timed_at = "" if measured_batch(per_device) == per_device else f" (timed at {measured_batch(per_device)})"
+    timed_at = "" if timed == per_device else f" (timed at {timed})"
     print(f"\n3x3 conv lowerings on {jax.default_backend()}, {args.mode}, batch {per_device} per device{timed_at} on "
           f"{mesh.devices.size} device(s); ms per call{', from the cache' if cached else ''}:\n")
     names = CANDIDATES[args.mode]
