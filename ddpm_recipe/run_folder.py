@@ -6,16 +6,22 @@ trainer keeps its checkpoints in ``checkpoints/``, the torch trainer in ``checkp
 so each can tell the other's folder from its own.
 """
 
+import hashlib
 import json
 import os
 
 import numpy as np
 from PIL import Image
 
+from ddpm_recipe.settings import IDENTITY
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"  # the JAX trainer's
 TORCH_CHECKPOINT_FILE = "checkpoint.pt"  # the torch trainer's
+
+# Settings named by a path, each beside the fingerprint of what it held when the run began.
+MOVABLE = (("data", "data_fingerprint"), ("init_from", "init_from_fingerprint"))
 
 
 class WorkdirError(RuntimeError):
@@ -60,18 +66,47 @@ def make_writable_folders(workdir: str, *folders: str) -> None:
             raise WorkdirError(f"cannot write to {folder!r} (of --workdir {workdir}): {reason}") from None
 
 
+def file_fingerprint(path: str | None) -> str | None:
+    """A short hash of a file's bytes (the --init-from weights); None without a path, or for a file
+    that cannot be read now: a resumed run takes its weights from its checkpoint, not from there."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def run_identity(config, data_fingerprint: str) -> dict:
+    """The settings that define a run (``settings.IDENTITY``), and the fingerprints of its data and
+    of its --init-from weights, as both trainers record and compare them."""
+    return ({k: getattr(config, k) for k in IDENTITY}
+            | {"data_fingerprint": data_fingerprint, "init_from_fingerprint": file_fingerprint(config.init_from)})
+
+
 def identity_differences(saved: dict, identity: dict) -> list[str]:
     """One line per setting in ``identity`` that the folder's record ``saved`` holds otherwise.
 
-    The data is compared by its fingerprint: the same digits read from a folder moved, or spelled
-    otherwise, are the same run's. A record from before fingerprints were kept compares the path.
+    The data and the --init-from weights are compared by their fingerprints: the same digits or
+    weights read from a folder moved, or spelled otherwise, are the same run's. Where a side has
+    no fingerprint (a record from before they were kept, a weights file no longer there), the
+    paths are compared.
     """
-    if "data_fingerprint" not in saved:
-        identity = {k: v for k, v in identity.items() if k != "data_fingerprint"}
-    elif saved["data_fingerprint"] == identity.get("data_fingerprint") and "data" in identity:
-        saved = saved | {"data": identity["data"]}
+    for path_key, fingerprint_key in MOVABLE:
+        if saved.get(fingerprint_key) is None or identity.get(fingerprint_key) is None:
+            identity = {k: v for k, v in identity.items() if k != fingerprint_key}
+        elif saved[fingerprint_key] == identity[fingerprint_key] and path_key in identity:
+            saved = saved | {path_key: identity[path_key]}
     return [f"  {key}: the workdir has {saved.get(key)!r}, this run asks for {value!r}"
             for key, value in identity.items() if saved.get(key) != value]
+
+
+def recorded_identity(saved: dict | None, identity: dict) -> dict:
+    """``identity`` as the folder records it: a fingerprint that cannot be taken now (the weights
+    file gone from the path the run began with) keeps the one the record holds."""
+    kept = {key: saved[key] for _, key in MOVABLE if identity.get(key) is None and (saved or {}).get(key) is not None}
+    return identity | kept
 
 
 def trim_metrics(path: str, upto: int) -> None:

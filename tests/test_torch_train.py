@@ -148,14 +148,26 @@ def test_torch_trainer_refuses_a_checkpoint_not_its_own_and_stops_on_a_failed_sa
     assert torch.load(workdir / "checkpoint.pt", weights_only=True)["step"] == 1
 
 
-def test_torch_trainer_resumes_without_rereading_init_from(tmp_path):
+def test_torch_trainer_resumes_from_moved_init_weights_without_rereading_them(tmp_path):
     weights = tmp_path / "start.pt"
+    torch.manual_seed(0)
     torch.save(Unet().state_dict(), weights)
     workdir = str(tmp_path / "torch")
+    record = lambda: json.loads(open(os.path.join(workdir, "config.json")).read())  # noqa: E731
     main(["--workdir", workdir, "--steps", "1", "--init-from", str(weights), *TORCH_TINY])
-    weights.unlink()  # the run's own checkpoint holds its weights now
-    main(["--workdir", workdir, "--steps", "2", "--init-from", str(weights), *TORCH_TINY])
-    assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 2
+    began_with = record()["init_from_fingerprint"]
+    moved = weights.rename(tmp_path / "moved.pt")  # the same weights, elsewhere: the same run
+    main(["--workdir", workdir, "--steps", "2", "--init-from", str(moved), *TORCH_TINY])
+    assert record()["init_from"] == str(moved)
+    torch.manual_seed(1)
+    torch.save(Unet().state_dict(), tmp_path / "other.pt")  # other weights
+    with pytest.raises(SystemExit, match=r"^error: .* holds a different run, .*init_from_fingerprint: the workdir has "
+                                         rf"'{began_with}', this run asks for '[0-9a-f]{{16}}'"):
+        main(["--workdir", workdir, "--steps", "3", "--init-from", str(tmp_path / "other.pt"), *TORCH_TINY])
+    moved.unlink()  # the run's own checkpoint holds its weights now
+    main(["--workdir", workdir, "--steps", "3", "--init-from", str(moved), *TORCH_TINY])
+    assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 3
+    assert record()["init_from_fingerprint"] == began_with
 
 
 def test_the_largest_seed_trains_and_samples(tmp_path):

@@ -22,7 +22,7 @@ from unet_jax import step as step_module
 from unet_jax import train as train_module
 from unet_jax.flags import build_parser, parse_config
 from unet_jax.layers import ConvPlan
-from unet_jax.model import Unet, conv_layers
+from unet_jax.model import Unet, conv_layers, init_variables
 from unet_jax.train import Config, main, train
 
 # An explicit 3x3 conv lowering keeps these runs from timing the lowerings first (tests/test_autotune.py
@@ -266,6 +266,32 @@ def test_the_same_digits_from_a_moved_data_folder_are_the_same_run(tmp_path):
     with pytest.raises(checkpoints.IncompatibleWorkdirError, match=r"data: the workdir has '/old/mnist'.*\n.*"
                                                                   r"data_fingerprint: the workdir has 'd9527010a4dc7a1f'"):
         checkpoints.check_compatible(str(tmp_path), moved | {"data_fingerprint": "0123456789abcdef"}, HasCheckpoints())
+
+
+def test_the_same_weights_from_a_moved_file_are_the_same_run_and_other_weights_are_refused(tmp_path):
+    import torch
+
+    from parity import flax_to_torch
+
+    def save_weights(path, seed):
+        torch.save(flax_to_torch(init_variables(jax.random.key(seed))), path)
+        return path
+
+    workdir, record = str(tmp_path / "run"), lambda: json.load(open(os.path.join(workdir, "config.json")))
+    start = save_weights(tmp_path / "start.pt", 0)
+    train(Config(workdir=workdir, steps=2, ckpt_every=2, init_from=str(start), **TINY))
+    began_with = record()["init_from_fingerprint"]
+    moved = start.rename(tmp_path / "moved.pt")  # the same weights, elsewhere
+    train(Config(workdir=workdir, steps=4, ckpt_every=2, init_from=str(moved), **TINY))
+    assert _params(workdir)["step"] == 4 and record()["init_from"] == str(moved)
+    other = save_weights(tmp_path / "other.pt", 1)
+    with pytest.raises(checkpoints.IncompatibleWorkdirError,
+                       match=r"init_from: the workdir has '.*moved\.pt', this run asks for '.*other\.pt'\n"
+                             rf"  init_from_fingerprint: the workdir has '{began_with}', this run asks for '[0-9a-f]{{16}}'"):
+        train(Config(workdir=workdir, steps=6, ckpt_every=2, init_from=str(other), **TINY))
+    moved.unlink()  # gone from its path: the run's weights are its checkpoint's now
+    train(Config(workdir=workdir, steps=6, ckpt_every=2, init_from=str(moved), **TINY))
+    assert _params(workdir)["step"] == 6 and record()["init_from_fingerprint"] == began_with
 
 
 def test_a_torch_runs_workdir_is_refused_and_untouched(tmp_path):

@@ -29,11 +29,13 @@ from ddpm_recipe.run_folder import (
     WorkdirError,
     make_writable_folders,
     read_record,
+    recorded_identity,
+    run_identity,
     save_grid,
     trim_metrics,
 )
 from ddpm_recipe.schedule import linear_schedule
-from ddpm_recipe.settings import IDENTITY, PROGRAM, Config, SettingsError, check_batch_fits
+from ddpm_recipe.settings import PROGRAM, Config, SettingsError, check_batch_fits
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.flags import build_parser, parse_config
 from unet_jax.layers import ConvPlan
@@ -259,14 +261,14 @@ def _claim_workdir(config: Config, adopt: bool, images, mesh, mgr) -> tuple[dict
     Returns the programs recorded by the run before (None for a new run) and this run's: what
     decides its rounding (dispatch sizes, device count, JAX version), compared on resume.
     """
-    identity = {k: getattr(config, k) for k in IDENTITY} | {"data_fingerprint": data.fingerprint(images)}
-    if not (adopt and read_record(config.workdir) is None):
+    identity = run_identity(config, data.fingerprint(images))
+    saved = read_record(config.workdir)
+    if not (adopt and saved is None):
         checkpoints.check_compatible(config.workdir, identity, mgr)
     program = {k: getattr(config, k) for k in PROGRAM} | {"devices": int(mesh.devices.size), "jax": jax.__version__}
-    recorded_program = (read_record(config.workdir) or {}).get("program")
     if devices.is_primary():
-        checkpoints.write_config(config.workdir, identity | {"program": program})
-    return recorded_program, program
+        checkpoints.write_config(config.workdir, recorded_identity(saved, identity) | {"program": program})
+    return (saved or {}).get("program"), program
 
 
 def _fresh_state(initial, init_key, *, tx) -> TrainState:

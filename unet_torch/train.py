@@ -32,11 +32,13 @@ from ddpm_recipe.run_folder import (
     identity_differences,
     make_writable_folders,
     read_record,
+    recorded_identity,
+    run_identity,
     save_grid,
     trim_metrics,
 )
 from ddpm_recipe.schedule import Schedule, linear_schedule
-from ddpm_recipe.settings import IDENTITY, Config, SettingsError, build_parser, check_batch_fits, parse_flags
+from ddpm_recipe.settings import Config, SettingsError, build_parser, check_batch_fits, parse_flags
 from ddpm_recipe.weights import CheckpointMismatchError, WeightsFileError, check_floating
 from unet_torch.diffusion import ddim_sample, ddpm_sample, noise_prediction_loss
 from unet_torch.model import Unet
@@ -113,10 +115,6 @@ class TorchRunError(RuntimeError):
     trainer's checkpoint, a non-finite step, or a checkpoint that could not be saved."""
 
 
-def _identity(config: Config, data_fingerprint: str) -> dict:
-    return {k: getattr(config, k) for k in IDENTITY} | {"data_fingerprint": data_fingerprint}
-
-
 def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
     """As the JAX trainer: a workdir of another run (other settings, or the JAX trainer's) is refused,
     never resumed or overwritten. A checkpoint.pt from before runs recorded their settings is adopted."""
@@ -126,7 +124,7 @@ def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
     saved = read_record(config.workdir)
     if saved is None and resuming:
         print(f"note: {config.workdir} has checkpoint.pt but no {CONFIG_FILE}: recording these flags as its settings")
-    identity = _identity(config, data_fingerprint)
+    identity = run_identity(config, data_fingerprint)
     differences = identity_differences(saved, identity) if saved is not None else []
     if differences:
         raise TorchRunError(f"{config.workdir} holds a different run, so it will not be resumed or overwritten: "
@@ -134,7 +132,7 @@ def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
                             + ". Use another --workdir, or the workdir's own settings.")
     path = os.path.join(config.workdir, CONFIG_FILE)
     with open(path + ".tmp", "w") as f:
-        json.dump(identity, f, indent=2, sort_keys=True)
+        json.dump(recorded_identity(saved, identity), f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
 
 
