@@ -20,9 +20,6 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"  # the JAX trainer's
 TORCH_CHECKPOINT_FILE = "checkpoint.pt"  # the torch trainer's
 
-# Settings named by a path, each beside the fingerprint of what it held when the run began.
-MOVABLE = (("data", "data_fingerprint"), ("init_from", "init_from_fingerprint"))
-
 
 class WorkdirError(RuntimeError):
     """The workdir, or a folder of it, cannot be written."""
@@ -68,12 +65,12 @@ def make_writable_folders(workdir: str, *folders: str) -> None:
 
 def file_fingerprint(path: str | None) -> str | None:
     """A short hash of a file's bytes (the --init-from weights); None without a path, or for a file
-    that cannot be read now: a resumed run takes its weights from its checkpoint, not from there."""
+    that cannot be read now."""
     if path is None:
         return None
     try:
         with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()[:16]
+            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
     except OSError:
         return None
 
@@ -88,25 +85,29 @@ def run_identity(config, data_fingerprint: str) -> dict:
 def identity_differences(saved: dict, identity: dict) -> list[str]:
     """One line per setting in ``identity`` that the folder's record ``saved`` holds otherwise.
 
-    The data and the --init-from weights are compared by their fingerprints: the same digits or
-    weights read from a folder moved, or spelled otherwise, are the same run's. Where a side has
-    no fingerprint (a record from before they were kept, a weights file no longer there), the
-    paths are compared.
+    The data is compared by its fingerprint: the same digits read from a folder moved, or spelled
+    otherwise, are the same run's (a record from before fingerprints were kept compares the path).
+    The --init-from weights matter only when a run begins, so a resume compares their path, and
+    where the path moved, what the file there holds: the same weights elsewhere are the same run's.
     """
-    for path_key, fingerprint_key in MOVABLE:
-        if saved.get(fingerprint_key) is None or identity.get(fingerprint_key) is None:
-            identity = {k: v for k, v in identity.items() if k != fingerprint_key}
-        elif saved[fingerprint_key] == identity[fingerprint_key] and path_key in identity:
-            saved = saved | {path_key: identity[path_key]}
+    if "data_fingerprint" not in saved:
+        identity = {k: v for k, v in identity.items() if k != "data_fingerprint"}
+    elif saved["data_fingerprint"] == identity.get("data_fingerprint") and "data" in identity:
+        saved = saved | {"data": identity["data"]}
+    weights_now = identity.get("init_from_fingerprint")
+    identity = {k: v for k, v in identity.items() if k != "init_from_fingerprint"}
+    if weights_now is not None and weights_now == saved.get("init_from_fingerprint") and "init_from" in identity:
+        saved = saved | {"init_from": identity["init_from"]}
     return [f"  {key}: the workdir has {saved.get(key)!r}, this run asks for {value!r}"
             for key, value in identity.items() if saved.get(key) != value]
 
 
-def recorded_identity(saved: dict | None, identity: dict) -> dict:
-    """``identity`` as the folder records it: a fingerprint that cannot be taken now (the weights
-    file gone from the path the run began with) keeps the one the record holds."""
-    kept = {key: saved[key] for _, key in MOVABLE if identity.get(key) is None and (saved or {}).get(key) is not None}
-    return identity | kept
+def recorded_identity(saved: dict | None, identity: dict, *, resuming: bool) -> dict:
+    """``identity`` as the folder records it. A resumed run keeps the fingerprint of the weights it
+    began with, whatever its --init-from path holds now (or if it holds nothing); a record from
+    before fingerprints were kept takes that of the file at the path now."""
+    began_with = (saved or {}).get("init_from_fingerprint")
+    return identity | ({"init_from_fingerprint": began_with} if resuming and began_with is not None else {})
 
 
 def trim_metrics(path: str, upto: int) -> None:

@@ -267,7 +267,8 @@ def _claim_workdir(config: Config, adopt: bool, images, mesh, mgr) -> tuple[dict
         checkpoints.check_compatible(config.workdir, identity, mgr)
     program = {k: getattr(config, k) for k in PROGRAM} | {"devices": int(mesh.devices.size), "jax": jax.__version__}
     if devices.is_primary():
-        checkpoints.write_config(config.workdir, recorded_identity(saved, identity) | {"program": program})
+        record = recorded_identity(saved, identity, resuming=mgr.latest_step() is not None)
+        checkpoints.write_config(config.workdir, record | {"program": program})
     return (saved or {}).get("program"), program
 
 

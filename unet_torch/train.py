@@ -132,7 +132,7 @@ def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
                             + ". Use another --workdir, or the workdir's own settings.")
     path = os.path.join(config.workdir, CONFIG_FILE)
     with open(path + ".tmp", "w") as f:
-        json.dump(recorded_identity(saved, identity), f, indent=2, sort_keys=True)
+        json.dump(recorded_identity(saved, identity, resuming=resuming), f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
 
 
