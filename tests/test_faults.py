@@ -493,6 +493,20 @@ def test_the_other_processes_learn_that_process_0_failed_its_own_check(monkeypat
     assert not os.path.exists(os.path.join(workdir, checkpoints.LOCK_FILE))  # the others never take the lock
 
 
+def test_a_refusal_by_another_process_stops_this_one_too(monkeypatch, tmp_path):
+    """Each process compares its own data and weights files with the workdir's record; where
+    another process's differ, this one stops with it, in one line, rather than wait at a barrier."""
+    workdir = str(tmp_path / "run")
+    train(Config(workdir=workdir, steps=2, ckpt_every=2, **TINY))
+    checks = []
+    monkeypatch.setattr(devices, "everywhere", lambda ok: checks.append(ok) or False)  # another process refused
+    with pytest.raises(checkpoints.IncompatibleWorkdirError, match=rf"^another process of the run found that {workdir} "
+                                                                  r"holds checkpoints of a different run; see its error$"):
+        train(Config(workdir=workdir, steps=4, ckpt_every=2, **TINY))
+    assert checks == [True]  # this process's own check passed
+    assert checkpoints.restore_latest_params(workdir)[1]["step"] == 2
+
+
 def test_no_sched_getaffinity_as_on_macos(monkeypatch):
     from benchmarks.machine import machine
 

@@ -188,6 +188,18 @@ def agree(ok: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
+def everywhere(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (itself alone in a single-process run).
+
+    For a check that each process makes on its own files (the data and weights that a resumed
+    run is compared by): one process's refusal stops them all, rather than leaving the others
+    waiting at the next barrier for it.
+    """
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 class BatchSplitError(ValueError):
     """The global batch does not divide over the run's devices."""
 

@@ -263,8 +263,17 @@ def _claim_workdir(config: Config, adopt: bool, images, mesh, mgr) -> tuple[dict
     """
     identity = run_identity(config, data.fingerprint(images))
     saved = read_record(config.workdir)
+    refused = None
     if not (adopt and saved is None):
-        checkpoints.check_compatible(config.workdir, identity, mgr)
+        try:
+            checkpoints.check_compatible(config.workdir, identity, mgr)
+        except checkpoints.IncompatibleWorkdirError as error:
+            refused = error
+    # Each process compares its own data and weights files; and every process has read the record
+    # before process 0 rewrites it.
+    if not devices.everywhere(refused is None):
+        raise refused or checkpoints.IncompatibleWorkdirError(f"another process of the run found that {config.workdir} "
+                                                              "holds checkpoints of a different run; see its error")
     program = {k: getattr(config, k) for k in PROGRAM} | {"devices": int(mesh.devices.size), "jax": jax.__version__}
     if devices.is_primary():
         record = recorded_identity(saved, identity, resuming=mgr.latest_step() is not None)
