@@ -104,10 +104,13 @@ def identity_differences(saved: dict, identity: dict) -> list[str]:
 
 def recorded_identity(saved: dict | None, identity: dict, *, resuming: bool) -> dict:
     """``identity`` as the folder records it. A resumed run keeps the fingerprint of the weights it
-    began with, whatever its --init-from path holds now (or if it holds nothing); a record from
-    before fingerprints were kept takes that of the file at the path now."""
-    began_with = (saved or {}).get("init_from_fingerprint")
-    return identity | ({"init_from_fingerprint": began_with} if resuming and began_with is not None else {})
+    began with, whatever its --init-from path holds now; where its record has none (a run from
+    before fingerprints were kept), it records none, so that its path alone stays compared: the
+    file there now may not hold the weights it began with. A new run, or one adopting checkpoints
+    without a record, records the file at its path."""
+    if not resuming or saved is None:
+        return identity
+    return identity | {"init_from_fingerprint": saved.get("init_from_fingerprint")}
 
 
 def trim_metrics(path: str, upto: int) -> None:

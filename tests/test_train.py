@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.jax_bench import train_program
 from ddpm_recipe.run_folder import identity_differences, recorded_identity
-from ddpm_recipe.settings import SettingsError
+from ddpm_recipe.settings import IDENTITY, SettingsError
 from unet_jax import autotune, checkpoints, data
 from unet_jax import step as step_module
 from unet_jax import train as train_module
@@ -310,6 +310,9 @@ def test_init_weights_compare_by_path_and_where_moved_by_content_and_a_new_run_r
     assert recorded_identity(began, {"init_from": "/a.pt"} | gone, resuming=True) == began
     fresh = {"init_from": None, "init_from_fingerprint": None}
     assert recorded_identity(began, fresh, resuming=False) == fresh
+    # A run recorded before fingerprints were kept goes on comparing its path alone.
+    assert recorded_identity({"init_from": "/a.pt"}, {"init_from": "/a.pt"} | other_weights, resuming=True) == {
+        "init_from": "/a.pt", "init_from_fingerprint": None}
 
 
 def test_a_torch_runs_workdir_is_refused_and_untouched(tmp_path):
@@ -383,7 +386,7 @@ def test_ema_warms_up():
 
 def test_config_identity_names_real_fields():
     names = {f.name for f in dataclasses.fields(Config)}
-    assert set(train_module.IDENTITY) <= names
+    assert set(IDENTITY) <= names
 
 
 def test_pmean_flat_equals_lax_pmean_on_two_devices_bit_for_bit():

@@ -219,7 +219,8 @@ def refuse_a_torch_run(workdir: str) -> None:
 
 def check_compatible(workdir: str, identity: dict, mgr: ocp.CheckpointManager) -> None:
     """Raise if ``workdir`` has checkpoints (in ``mgr``, its manager) whose identity differs from ``identity``
-    (the data and the --init-from weights by their fingerprints: ``identity_differences``).
+    (the data by its fingerprint, the --init-from weights by path and where it moved by content:
+    ``identity_differences``).
 
     Takes the run's manager rather than opening one: in a multi-process run every process
     must open managers in the same order, since opening one is a barrier.
