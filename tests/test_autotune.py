@@ -125,13 +125,36 @@ def test_a_long_and_far_slower_warm_up_is_not_timed_again(sleepers):
     assert best == pytest.approx({"quick": 0.002, "slow": 0.1, "close": 0.002})
 
 
-def test_calls_longer_than_min_seconds_are_timed_in_one_round(sleepers):
-    # A large batch's layers: a warm-up and one round each, where short ones take every round (above).
+def test_every_candidate_gets_min_rounds_each_starting_one_further_on(sleepers):
+    # A large batch's layers, whose single calls outlast min_seconds, still get MIN_ROUNDS rounds:
+    # with one, a burst of load on one call decided the plan. The order turns each round, so that
+    # no candidate always runs right after the same other one.
     calls = []
-    programs = sleepers(calls, long=0.06, longer=0.07)
-    best = autotune._time_side_by_side(programs, (), min_seconds=0.05, max_rounds=3)
-    assert calls == ["long", "longer", "long", "longer"]
-    assert best == pytest.approx({"long": 0.06, "longer": 0.07})
+    programs = sleepers(calls, long=0.06, longer=0.07, longest=0.08)
+    best = autotune._time_side_by_side(programs, (), min_seconds=0.05, min_rounds=3)
+    assert calls == ["long", "longer", "longest",  # the warm-ups
+                     "long", "longer", "longest", "longer", "longest", "long", "longest", "long", "longer"]
+    assert best == pytest.approx({"long": 0.06, "longer": 0.07, "longest": 0.08})
+    calls.clear()
+    autotune._time_side_by_side(programs, (), min_seconds=0.05, min_rounds=1)
+    assert calls == ["long", "longer", "longest"] * 2
+
+
+def test_one_slow_round_does_not_decide(monkeypatch):
+    # tapgrad's first timed call is caught by a burst of load (+50 %); the later rounds find it ahead,
+    # though one call outlasts min_seconds.
+    now = [0.0]
+    monkeypatch.setattr(autotune, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])}))
+    durations = {"tapgrad": iter([0.22, 0.33, 0.22, 0.22]), "xla": iter([0.24, 0.24, 0.24, 0.24])}
+
+    def program(name):
+        def run():
+            now[0] += next(durations[name])
+            return jax.numpy.zeros(())
+        return run
+
+    best = autotune._time_side_by_side({name: program(name) for name in durations}, (), min_seconds=0.2)
+    assert min(best, key=best.get) == "tapgrad" and best == pytest.approx({"tapgrad": 0.22, "xla": 0.24})
 
 
 def test_training_gives_up_xla_where_the_whole_network_loses_little_by_it():
@@ -147,9 +170,24 @@ def test_training_gives_up_xla_where_the_whole_network_loses_little_by_it():
     assert autotune.choose({"7x7": small, "28x28": big}, "train", {"7x7": 2, "28x28": 2}) == {
         "7x7": "im2col", "28x28": "winograd_tapgrad"}
     # Where xla's lead adds up to more than XLA_MARGIN of the whole, it is kept, on that layer alone.
-    far = {"tapgrad": 12.0, "im2col": 11.5, "xla": 9.0}
+    far = {"tapgrad": 14.0, "im2col": 13.5, "xla": 8.0}
     assert autotune.choose({"7x7": near, "14x14": far}, "train", one_each) == {"7x7": "xla", "14x14": "xla"}
     assert autotune.choose({"28x28": clear, "14x14": far}, "train", one_each) == {"28x28": "tapgrad", "14x14": "xla"}
+
+
+def test_training_keeps_the_loop_where_layer_timings_put_xla_a_fifth_ahead():
+    # Measured on an AVX-512 EPYC at 16 per device (ms, forward and gradients): the plan with xla on
+    # three shapes sums to 84.7 ms against 105.9 without it, yet whole steps of the two ran alike.
+    table = {"28x28 1->64": {"tapgrad": 3.0, "winograd_tapgrad": 2.4, "im2col": 1.4, "xla": 5.6},
+             "28x28 64->64": {"tapgrad": 32.7, "winograd_tapgrad": 33.1, "im2col": 91.1, "xla": 23.4},
+             "14x14 64->128": {"tapgrad": 14.4, "winograd_tapgrad": 13.3, "im2col": 17.8, "xla": 13.4},
+             "7x7 128->128": {"tapgrad": 7.6, "winograd_tapgrad": 11.6, "im2col": 12.2, "xla": 6.7},
+             "14x14 64->64": {"tapgrad": 13.7, "winograd_tapgrad": 7.5, "im2col": 11.4, "xla": 6.7},
+             "28x28 128->1": {"tapgrad": 3.1, "winograd_tapgrad": 15.7, "im2col": 4.1, "xla": 9.5}}
+    counts = {key: len(paths) for key, paths in conv_layers().items()}
+    assert set(table) == set(counts)
+    plan = autotune.choose(table, "train", counts)
+    assert "xla" not in plan.values() and plan["28x28 64->64"] == "tapgrad"
 
 
 def test_a_warm_cache_measures_nothing(cache_dir, counted_measure):

@@ -34,7 +34,7 @@ from unet_jax.model import conv_layers, image_conv_shapes
 CHOICES = ("auto", *CONV_LOWERINGS)
 MODES = ("train", "sample")
 # Raised when the lowerings, the candidates or the rule that picks among them change: no cached plan outlives them.
-CACHE_VERSION = 8
+CACHE_VERSION = 9
 # The lowerings worth timing. Training: `winograd`'s autodiff runs the transposes of its strided
 # tile slices, so `winograd_tapgrad` (the same forward) is never slower. Sampling runs forward
 # alone, where `tapgrad` is `xla` and `winograd_tapgrad` is `winograd`.
@@ -44,14 +44,21 @@ CANDIDATES = {
 }
 # A candidate that takes this many times the fastest in the first round is not timed further.
 CUTOFF = 1.5
+# The fewest rounds, whatever a call takes: with fewer, one round's outlier (a burst of load, the
+# page faults a slower candidate left behind) has made a lowering that loses the whole step look
+# the fastest.
+MIN_ROUNDS = 3
 # Nor one whose warm-up call took this many times the fastest warm-up, if that call was long
 # (over ``min_seconds``): at large batches a call of the slowest lowerings takes seconds. The bar
 # is looser than CUTOFF because a first call also pays one-time costs (memory touched first).
 WARM_UP_CUTOFF = 3.0
 # In training, a plan without `xla` is taken if its convolutions, all layers counted, take within
 # this share of the fastest plan's: one `xla` layer makes the trainer unroll its steps
-# (step.loops_at_full_speed), which compiles the program several times longer.
-XLA_MARGIN = 0.1
+# (step.loops_at_full_speed), which compiles the program several times longer, and XLA's
+# convolution costs the whole step more than it takes timed alone: layer timings that put a
+# plan with `xla` a fifth ahead have gone with whole steps no faster than the plan without it
+# (benchmarks/README.md, "Fast, exact layers").
+XLA_MARGIN = 0.3
 # Larger per-device batches are timed at this one. Past it each lowering's time grows with the
 # batch alike, so the choice holds, and the slowest candidates' calls (XLA's weight-gradient
 # convolution on some CPUs: seconds per call) would otherwise make measuring minutes long.
@@ -105,18 +112,19 @@ def _compile(lowering: str, args: tuple, mode: str, mesh, *, input_gradient: boo
     return jax.jit(program).lower(*args).compile()
 
 
-def _time_side_by_side(programs: dict, args: tuple, *, min_seconds: float = 0.2,
+def _time_side_by_side(programs: dict, args: tuple, *, min_seconds: float = 0.2, min_rounds: int = MIN_ROUNDS,
                        max_rounds: int = 10) -> dict[str, float]:
     """Seconds per call of each program, the best of the rounds in which each runs once in turn.
 
     Taking turns makes a burst of load on a shared machine fall on every candidate alike, where
-    timing one after another would hand it to whichever ran then. After a warm-up call each,
-    rounds run while the fastest's runs add up to under ``min_seconds`` (one at least, at most
-    ``max_rounds``): the shortest layers are the noisiest and get the most rounds, where a call
-    of a large batch that takes longer than ``min_seconds`` is timed once. A program that takes
-    CUTOFF times the fastest in the first round is not timed further; one whose warm-up took over
-    ``min_seconds`` and WARM_UP_CUTOFF times the fastest warm-up is not timed at all, and its
-    warm-up is what is reported for it.
+    timing one after another would hand it to whichever ran then; each round starts one
+    candidate further on, so that none always runs right after the same other one (a slow,
+    memory-hungry call leaves the next one page faults and cold caches). After a warm-up call
+    each, rounds run while fewer than ``min_rounds`` have run or the fastest's runs add up to
+    under ``min_seconds`` (at most ``max_rounds``): the shortest layers are the noisiest and get
+    the most rounds. A program that takes CUTOFF times the fastest in the first round is not
+    timed further; one whose warm-up took over ``min_seconds`` and WARM_UP_CUTOFF times the
+    fastest warm-up is not timed at all, and its warm-up is what is reported for it.
     """
     warm_up = {}
     for name, program in programs.items():
@@ -127,9 +135,9 @@ def _time_side_by_side(programs: dict, args: tuple, *, min_seconds: float = 0.2,
     timed, spent = [name for name in programs if warm_up[name] <= too_slow], 0.0
     best = {name: np.inf if name in timed else warm_up[name] for name in programs}
     for done in range(max_rounds):
-        if done and spent >= min_seconds:
+        if done >= min_rounds and spent >= min_seconds:
             break
-        for name in timed:
+        for name in timed[done % len(timed):] + timed[:done % len(timed)]:
             start = time.perf_counter()
             jax.block_until_ready(programs[name](*args))
             best[name] = min(best[name], time.perf_counter() - start)
