@@ -111,7 +111,7 @@ def test_candidates_take_turns_and_a_far_slower_one_stops_after_the_first_round(
 
 def test_a_candidate_within_the_cutoff_is_timed_every_round(sleepers):
     calls = []
-    programs = sleepers(calls, quick=0.002, near=0.0029)  # 1.45x, under CUTOFF's 1.5x
+    programs = sleepers(calls, quick=0.002, near=0.0039)  # 1.95x, under CUTOFF's 2x
     autotune._time_side_by_side(programs, (), min_seconds=0.2, max_rounds=3)
     assert calls.count("near") == calls.count("quick") == 4
 
@@ -125,15 +125,19 @@ def test_a_long_and_far_slower_warm_up_is_not_timed_again(sleepers):
     assert best == pytest.approx({"quick": 0.002, "slow": 0.1, "close": 0.002})
 
 
-def test_every_candidate_gets_min_rounds_each_starting_one_further_on(sleepers):
+def test_every_candidate_gets_min_rounds_in_orders_that_change(sleepers):
     # A large batch's layers, whose single calls outlast min_seconds, still get MIN_ROUNDS rounds:
-    # with one, a burst of load on one call decided the plan. The order turns each round, so that
-    # no candidate always runs right after the same other one.
+    # with one, a burst of load on one call decided the plan. Every other round runs in reverse,
+    # so that no candidate always runs right after the same other one.
     calls = []
     programs = sleepers(calls, long=0.06, longer=0.07, longest=0.08)
     best = autotune._time_side_by_side(programs, (), min_seconds=0.05, min_rounds=3)
     assert calls == ["long", "longer", "longest",  # the warm-ups
-                     "long", "longer", "longest", "longer", "longest", "long", "longest", "long", "longer"]
+                     "long", "longer", "longest", "longest", "longer", "long", "long", "longer", "longest"]
+    timed = calls[3:]
+    for name in programs:
+        before = {calls[i + 2] for i, called in enumerate(timed) if called == name}
+        assert len(before) >= 2, name
     assert best == pytest.approx({"long": 0.06, "longer": 0.07, "longest": 0.08})
     calls.clear()
     autotune._time_side_by_side(programs, (), min_seconds=0.05, min_rounds=1)

@@ -42,8 +42,9 @@ CANDIDATES = {
     "train": ("tapgrad", "winograd_tapgrad", "im2col", "xla"),
     "sample": ("winograd", "im2col", "xla"),
 }
-# A candidate that takes this many times the fastest in the first round is not timed further.
-CUTOFF = 1.5
+# A candidate that takes this many times the fastest in the first round is not timed further:
+# loose enough that one slow call (half again as long has been seen) does not drop the best.
+CUTOFF = 2.0
 # The fewest rounds, whatever a call takes: with fewer, one round's outlier (a burst of load, the
 # page faults a slower candidate left behind) has made a lowering that loses the whole step look
 # the fastest.
@@ -117,8 +118,8 @@ def _time_side_by_side(programs: dict, args: tuple, *, min_seconds: float = 0.2,
     """Seconds per call of each program, the best of the rounds in which each runs once in turn.
 
     Taking turns makes a burst of load on a shared machine fall on every candidate alike, where
-    timing one after another would hand it to whichever ran then; each round starts one
-    candidate further on, so that none always runs right after the same other one (a slow,
+    timing one after another would hand it to whichever ran then; every other round runs in
+    reverse order, so that no candidate always runs right after the same other one (a slow,
     memory-hungry call leaves the next one page faults and cold caches). After a warm-up call
     each, rounds run while fewer than ``min_rounds`` have run or the fastest's runs add up to
     under ``min_seconds`` (at most ``max_rounds``): the shortest layers are the noisiest and get
@@ -137,7 +138,7 @@ def _time_side_by_side(programs: dict, args: tuple, *, min_seconds: float = 0.2,
     for done in range(max_rounds):
         if done >= min_rounds and spent >= min_seconds:
             break
-        for name in timed[done % len(timed):] + timed[:done % len(timed)]:
+        for name in (timed if done % 2 == 0 else timed[::-1]):
             start = time.perf_counter()
             jax.block_until_ready(programs[name](*args))
             best[name] = min(best[name], time.perf_counter() - start)
