@@ -498,13 +498,42 @@ def test_a_refusal_by_another_process_stops_this_one_too(monkeypatch, tmp_path):
     another process's differ, this one stops with it, in one line, rather than wait at a barrier."""
     workdir = str(tmp_path / "run")
     train(Config(workdir=workdir, steps=2, ckpt_every=2, **TINY))
-    checks = []
-    monkeypatch.setattr(devices, "everywhere", lambda ok: checks.append(ok) or False)  # another process refused
+    checks, answers = [], iter([True, False])  # every process read its files; another refused the workdir
+    monkeypatch.setattr(devices, "everywhere", lambda ok: checks.append(ok) or next(answers))
     with pytest.raises(checkpoints.IncompatibleWorkdirError, match=rf"^another process of the run found that {workdir} "
                                                                   r"holds checkpoints of a different run; see its error$"):
         train(Config(workdir=workdir, steps=4, ckpt_every=2, **TINY))
-    assert checks == [True]  # this process's own check passed
+    assert checks == [True, True]  # this process's own reads and check passed
     assert checkpoints.restore_latest_params(workdir)[1]["step"] == 2
+
+
+def test_data_or_weights_that_another_process_cannot_read_stop_this_one_too(monkeypatch, tmp_path):
+    """Each process reads its own copies of the data and --init-from weights; where another
+    process cannot, this one stops with it, in one line and before writing anything, rather than
+    wait at the next collective for a process that has left."""
+    workdir = tmp_path / "run"
+    checks = []
+    monkeypatch.setattr(devices, "everywhere", lambda ok: checks.append(ok) or False)
+    with pytest.raises(SystemExit) as info:
+        main(["--workdir", str(workdir), "--steps", "2", *TINY_FLAGS])
+    assert info.value.code == ("error: another process of the run could not use its --data or --init-from; "
+                               "see its error")
+    assert checks == [True] and not workdir.exists()
+
+
+@pytest.mark.parametrize("bad", ["data", "init_from", "batch"])
+def test_a_process_that_cannot_read_its_data_or_weights_tells_the_others(monkeypatch, tmp_path, bad):
+    """The process whose own read fails still takes part in the collective (with False), so the
+    others stop too, then raises its own error."""
+    workdir, flags = tmp_path / "run", {"data": ["--data", str(tmp_path / "missing")],
+                                        "init_from": ["--init-from", str(tmp_path / "missing.pt")],
+                                        "batch": ["--batch-size", "6000"]}[bad]
+    checks = []
+    monkeypatch.setattr(devices, "everywhere", lambda ok: checks.append(ok) or ok)
+    with pytest.raises(SystemExit) as info:
+        main(["--workdir", str(workdir), "--steps", "2", *TINY_FLAGS, *flags])
+    assert info.value.code.startswith("error: ") and "another process" not in info.value.code
+    assert checks == [False] and not workdir.exists()
 
 
 def test_no_sched_getaffinity_as_on_macos(monkeypatch):

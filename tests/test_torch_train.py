@@ -58,6 +58,22 @@ def test_torch_trainer_refuses_another_runs_workdir(tmp_path):
     assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 1
 
 
+def test_torch_trainer_starts_afresh_where_a_record_has_no_checkpoint(tmp_path):
+    # A start killed before its first checkpoint leaves config.json alone; as the JAX trainer,
+    # a new run there with other settings is not refused, and its own settings are recorded.
+    workdir = str(tmp_path / "torch")
+    main(["--workdir", workdir, "--steps", "1", *TORCH_TINY])
+    os.remove(os.path.join(workdir, "checkpoint.pt"))
+    # The run's EMA weights alone still make it a run, refused to other settings.
+    with pytest.raises(SystemExit, match=r"^error: .*lr: the workdir has 0.002, this run asks for 0.001"):
+        main(["--workdir", workdir, "--steps", "1", "--lr", "1e-3", *TORCH_TINY])
+    os.remove(os.path.join(workdir, "model.pt"))  # now as a start killed before its first checkpoint
+    main(["--workdir", workdir, "--steps", "1", "--lr", "1e-3", *TORCH_TINY])
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["lr"] == 1e-3
+    assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 1
+
+
 def test_torch_trainer_trims_metrics_and_samples_every(tmp_path):
     workdir = str(tmp_path / "torch")
     main(["--workdir", workdir, "--steps", "2", "--ckpt-every", "2", "--sample-every", "1", *TORCH_TINY])

@@ -344,6 +344,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         main(["--workdir", str(blocker / "run"), "--steps", "1"])
     with pytest.raises(SystemExit, match=r"no MNIST at .*--download"):
         main(["--workdir", str(tmp_path / "w"), "--data", str(tmp_path / "missing"), "--steps", "1"])
+    assert not (tmp_path / "w").exists()  # the data is read before the workdir is made
     for bad in (["--steps", "0"], ["--ema-decay", "1.5"], ["--steps-per-dispatch", "0"], ["--batch-size", "-3"], ["--sampler", "euler"],
                 ["--sample-steps", "30", "--n-T", "20"]):
         with pytest.raises(SystemExit) as info:

@@ -105,6 +105,10 @@ class PeerLostError(RuntimeError):
     """Another process of a multi-process run stopped; this one cannot go on alone."""
 
 
+class PeerReadError(RuntimeError):
+    """Another process of a multi-process run could not read its copy of the data or --init-from weights."""
+
+
 def train(config: Config, *, adopt: bool = False) -> TrainState:
     """Run (or resume) ``config`` to ``config.steps``; returns the final state.
 
@@ -116,8 +120,20 @@ def train(config: Config, *, adopt: bool = False) -> TrainState:
     primary = devices.is_primary()
     init_key, data_key, noise_key, sample_key = run_keys(config.seed)
     checkpoints.refuse_a_torch_run(config.workdir)
-    # Read --init-from before writing anything: a bad file must leave no trace in the workdir.
-    initial = _initial_params(config, init_key) if not checkpoints.committed_steps(config.workdir) else None
+    # Read the data and --init-from before writing anything: a bad file must leave no trace in the
+    # workdir. Each process reads its own copies; where one cannot, for any reason, every process
+    # stops, rather than leave the others waiting at the next collective for one that has left.
+    images, initial, failed = None, None, None
+    try:
+        images = data.load(config.data, "train")
+        check_batch_fits(config.batch_size, len(images.images))
+        if not checkpoints.committed_steps(config.workdir):
+            initial = _initial_params(config, init_key)
+    except Exception as error:  # re-raised below, as it is: a bug keeps its traceback
+        failed = error
+    if not devices.everywhere(failed is None):
+        raise failed or PeerReadError("another process of the run could not use its --data or --init-from; "
+                                      "see its error")
     _prepare_workdir(config.workdir)
     lock, busy = None, None
     if primary:
@@ -129,17 +145,15 @@ def train(config: Config, *, adopt: bool = False) -> TrainState:
     if not devices.agree(busy is None):
         raise busy or checkpoints.WorkdirBusyError(f"process 0 found {config.workdir} in use by another trainer")
     try:
-        return _train(config, adopt, initial, (init_key, data_key, noise_key, sample_key))
+        return _train(config, adopt, images, initial, (init_key, data_key, noise_key, sample_key))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(config: Config, adopt: bool, initial, run_key_set) -> TrainState:
+def _train(config: Config, adopt: bool, images, initial, run_key_set) -> TrainState:
     primary = devices.is_primary()
     init_key, data_key, noise_key, sample_key = run_key_set
-    images = data.load(config.data, "train")
-    check_batch_fits(config.batch_size, len(images.images))
     mesh = devices.training_mesh(config.batch_size)
     mgr = checkpoints.manager(config.workdir)
     try:
@@ -440,7 +454,7 @@ def download_once(root: str) -> None:
 USER_ERRORS = (data.MnistError, checkpoints.IncompatibleWorkdirError, checkpoints.WorkdirBusyError,
                checkpoints.NoReadableCheckpointError, devices.BatchSplitError, devices.RollCallError,
                FloatingPointError, WorkdirError, InitFromError, checkpoints.CheckpointSaveError, SettingsError,
-               RecordError)
+               RecordError, PeerReadError)
 
 
 def main(argv=None) -> None:

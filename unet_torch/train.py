@@ -125,7 +125,10 @@ def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
     if saved is None and resuming:
         print(f"note: {config.workdir} has checkpoint.pt but no {CONFIG_FILE}: recording these flags as its settings")
     identity = run_identity(config, data_fingerprint)
-    differences = identity_differences(saved, identity) if saved is not None else []
+    # Only saved weights make the workdir a run's: a record left by a start that never reached its
+    # first checkpoint (killed, or stopped by a bad flag) is replaced, as the JAX trainer does.
+    has_weights = resuming or os.path.exists(os.path.join(config.workdir, MODEL_FILE))
+    differences = identity_differences(saved, identity) if saved is not None and has_weights else []
     if differences:
         raise TorchRunError(f"{config.workdir} holds a different run, so it will not be resumed or overwritten: "
                             + "; ".join(d.strip() for d in differences)
@@ -136,6 +139,7 @@ def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+MODEL_FILE = "model.pt"  # the EMA weights, beside each checkpoint
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "generator")
 
 
@@ -213,7 +217,7 @@ def train(config: Config) -> dict:
                         "scheduler": scheduler.state_dict(), "step": step, "generator": generator.get_state()},
                        checkpoint_path + ".tmp")
             os.replace(checkpoint_path + ".tmp", checkpoint_path)
-            torch.save(ema.state_dict(), os.path.join(config.workdir, "model.pt"))
+            torch.save(ema.state_dict(), os.path.join(config.workdir, MODEL_FILE))
         except OSError as error:  # the .tmp is written first: the checkpoint before stays whole
             raise TorchRunError(f"saving the checkpoint of step {step} to {checkpoint_path} failed "
                                 f"({error.strerror or error}); stopping. The run resumes from its last saved "
