@@ -1,7 +1,9 @@
 """python -m benchmarks.profile: where one device's train step spends its time, by kind of XLA op and by layer.
 
 Runs the trainer's jitted program (``--steps-per-dispatch`` steps per dispatch) under
-``jax.profiler`` on one device and sums the executed XLA ops by kind: library-fused
+``jax.profiler`` on ``--devices`` host devices (one by default; the trainer takes one per core,
+whose waits for each other at the gradients' all-reduce only show there), and sums the executed
+XLA ops, per device, by kind: library-fused
 convolutions and matmuls, layout copies, elementwise and reduction fusions,
 concatenations; and by the model layer whose code made them (the compiled program's op
 metadata names the Flax module path), forward and backward apart. Loops and conditionals
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.jax_bench import train_program
-from unet_jax import autotune, data
+from unet_jax import autotune, data, devices
 from unet_jax.model import IMAGE_SHAPE, Unet
 
 # Executed ops are named after their HLO instruction; the name's stem says what kind it is.
@@ -34,7 +36,7 @@ KINDS = (
     ("library calls: convolutions, matmuls (and a few reductions)", r"^(ynn|xnn|onednn)_fusion|^(convolution|conv_general_dilated|dot)"),
     ("layout copies (transposes, copies)", r"transpose|copy"),
     ("concatenations", r"^concatenate"),
-    ("all-reduce", r"^all-reduce"),
+    ("all-reduce, and waiting there for the other devices", r"^(all-reduce|psum|Rendezvous)"),
     ("elementwise and reduction fusions (GroupNorm, ReLU, Adam, ...)", r"fusion|^(reduce|add|multiply|select|maximum|broadcast)"),
 )
 
@@ -103,14 +105,18 @@ def layer_of(op_name: str, layers: dict[str, str]) -> tuple[str, str]:
     return path, "backward" if "transpose(jvp(" in op_name else "forward"
 
 
-def profile_step(batch: int, steps_per_dispatch: int, dispatches: int, trace_dir: str, conv="auto") -> tuple[int, str]:
-    """Trace ``dispatches`` programs of ``steps_per_dispatch`` steps; returns the minor page faults in
-    them and the compiled program's text."""
-    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+def profile_step(batch: int, steps_per_dispatch: int, dispatches: int, trace_dir: str, conv="auto",
+                 device_count: int = 1) -> tuple[int, str]:
+    """Trace ``dispatches`` programs of ``steps_per_dispatch`` steps at ``batch`` per device on
+    ``device_count`` devices; returns the minor page faults in them and the compiled program's text."""
+    if len(jax.devices()) < device_count:
+        raise SystemExit(f"error: --devices {device_count}: this process has {len(jax.devices())} "
+                         f"{jax.default_backend()} device(s)")
+    mesh = jax.sharding.Mesh(jax.devices()[:device_count], ("data",))
     conv = autotune.resolve(conv, batch, "train", mesh=mesh)
     print(f"3x3 conv lowerings: {conv.describe()}")
-    program, (state, acc, images, keys) = train_program(data.load_bundled("train").images, batch, "float32", mesh,
-                                                        steps_per_dispatch, conv)
+    program, (state, acc, images, keys) = train_program(data.load_bundled("train").images, batch * device_count,
+                                                        "float32", mesh, steps_per_dispatch, conv)
     program = program.lower(state, acc, images, keys).compile()
     for _ in range(2):  # warm up outside the trace
         state, acc = program(state, acc, images, keys)
@@ -146,22 +152,32 @@ def op_times(trace_dir: str, program: dict[str, tuple[str, str]] | None = None) 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64, help="per device: 64 is batch 128 over two devices")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="host devices to run on, as the trainer's one per core (default %(default)s); "
+                             "the times are per device")
     parser.add_argument("--steps-per-dispatch", type=int, default=1)
     parser.add_argument("--dispatches", type=int, default=3)
     autotune.add_conv_flag(parser)
     parser.add_argument("--top", type=int, default=10, help="also list this many of the slowest single ops")
     args = parser.parse_args(argv)
+    if args.devices < 1:
+        parser.error("--devices must be at least 1")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if devices.DEVICE_COUNT_FLAG not in flags:  # before JAX starts its backend; a count the user set stands
+        os.environ["XLA_FLAGS"] = f"{flags} {devices.DEVICE_COUNT_FLAG}={args.devices}".strip()
     with tempfile.TemporaryDirectory() as trace_dir:
-        faults, hlo_text = profile_step(args.batch, args.steps_per_dispatch, args.dispatches, trace_dir, args.conv)
+        faults, hlo_text = profile_step(args.batch, args.steps_per_dispatch, args.dispatches, trace_dir, args.conv,
+                                        args.devices)
         program = instructions(hlo_text)
-        times = op_times(trace_dir, program)
+        # Every device's ops are in the trace: per device, each takes its share.
+        times = collections.Counter({name: micros / args.devices for name, micros in op_times(trace_dir, program).items()})
     steps = args.steps_per_dispatch * args.dispatches
     by_kind = collections.Counter()
     for name, micros in times.items():
         by_kind[kind_of(name)] += micros
     total = sum(by_kind.values())
-    print(f"train step, batch {args.batch} on one {jax.default_backend()} device, {args.steps_per_dispatch} "
-          f"per dispatch: {total / steps / 1e3:.0f} ms of XLA ops and {faults / steps:.0f} minor page faults "
+    print(f"train step, batch {args.batch} per device on {args.devices} {jax.default_backend()} device(s), "
+          f"{args.steps_per_dispatch} per dispatch: {total / steps / 1e3:.0f} ms of XLA ops per device and {faults / steps:.0f} minor page faults "
           f"({faults / steps * resource.getpagesize() / 1e6:.0f} MB first touched) per step\n")
     print("| kind of op | ms per step | share |")
     print("|---|---|---|")

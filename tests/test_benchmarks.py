@@ -110,9 +110,11 @@ def test_an_op_that_xla_added_counts_for_the_layer_whose_value_it_copies():
 
 def test_profile_sums_the_step_by_kind_of_op(tmp_path, warm_autotune_cache):
     env = warm_autotune_cache(tmp_path / "autotune", train="tapgrad", sample="xla")  # auto's plan, not measured
-    out = _run("benchmarks.profile", "--batch", "2", "--steps-per-dispatch", "2", "--dispatches", "1", "--top", "1000",
-               env=env)
-    assert "3x3 conv lowerings: tapgrad" in out
+    # As the trainer runs: a device per core, whose all-reduce only a run on several shows.
+    out = _run("benchmarks.profile", "--batch", "2", "--devices", "2", "--steps-per-dispatch", "2", "--dispatches", "1",
+               "--top", "1000", env=dict(env, XLA_FLAGS=""))
+    assert "3x3 conv lowerings: tapgrad" in out and "batch 2 per device on 2 cpu device(s)" in out
+    assert "| all-reduce, and waiting there for the other devices |" in out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and line.endswith("% |")]
     shares = {row[0].lstrip("| "): float(row[2].rstrip(" %|")) for row in rows}
     # The convolutions are found (the trace format is read right).
@@ -130,3 +132,14 @@ def test_profile_sums_the_step_by_kind_of_op(tmp_path, warm_autotune_cache):
     assert sum(float(row[2]) for row in layers.values()) == pytest.approx(total, rel=0.05, abs=1)
     slowest = out.split("| slowest ops |")[1]
     assert "| ynn_fusion" in slowest and "| while" not in slowest  # the tap gradient's loop, left out
+
+
+def test_profile_says_in_one_line_what_devices_it_cannot_have(tmp_path):
+    from benchmarks import profile
+
+    with pytest.raises(SystemExit) as info:
+        profile.main(["--devices", "0"])
+    assert info.value.code == 2
+    too_many = len(jax.devices()) + 1
+    with pytest.raises(SystemExit, match=rf"^error: --devices {too_many}: this process has {too_many - 1} cpu device"):
+        profile.profile_step(2, 1, 1, str(tmp_path), "tapgrad", device_count=too_many)
