@@ -57,10 +57,32 @@ def test_the_layer_that_reads_the_image_is_timed_without_an_input_gradient():
     mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
     args = autotune._inputs("28x28 1->64", 2, "train", mesh)
     for lowering in ("tapgrad", "im2col"):
-        full = autotune._compile(lowering, args, "train", mesh)(*args)
-        kernel_only = autotune._compile(lowering, args, "train", mesh, input_gradient=False)(*args)
+        y, _, dkernel = autotune._compile(lowering, args, "train", mesh)(*args)
+        y_kernel_only, kernel_only = autotune._compile(lowering, args, "train", mesh, input_gradient=False)(*args)
         assert kernel_only.shape == (3, 3, 1, 64)
-        np.testing.assert_allclose(kernel_only, full[1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(kernel_only, dkernel, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y_kernel_only, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lowering", ["xla", "tapgrad"])
+def test_a_training_layer_is_timed_with_its_forward_and_both_gradients(lowering):
+    # The gradients of a convolution do not read its output: a timed program that returned only
+    # them would have XLA drop the forward, and time half the layer.
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    x, kernel, dy = args = autotune._inputs("14x14 64->128", 2, "train", mesh)
+    program = autotune._compile(lowering, args, "train", mesh)
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    y, vjp = jax.vjp(conv, x, kernel)
+    for got, want in zip(program(*args), (y, *vjp(dy))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if lowering == "xla":
+        # Three convolutions' FLOPs: XLA counts each gradient's at a little under the forward's
+        # (their zero border), so the two gradients alone come to under 2x the forward's.
+        forward_flops = 2 * x.size * kernel.shape[-1] * 9
+        cost = program.cost_analysis()
+        assert (cost[0] if isinstance(cost, list) else cost)["flops"] >= 2.5 * forward_flops
 
 
 def test_a_real_measurement_times_every_candidate_and_caches_the_fastest(cache_dir):

@@ -34,7 +34,7 @@ from unet_jax.model import conv_layers, image_conv_shapes
 CHOICES = ("auto", *CONV_LOWERINGS)
 MODES = ("train", "sample")
 # Raised when the lowerings, the candidates or the rule that picks among them change: no cached plan outlives them.
-CACHE_VERSION = 9
+CACHE_VERSION = 10
 # The lowerings worth timing. Training: `winograd`'s autodiff runs the transposes of its strided
 # tile slices, so `winograd_tapgrad` (the same forward) is never slower. Sampling runs forward
 # alone, where `tapgrad` is `xla` and `winograd_tapgrad` is `winograd`.
@@ -94,22 +94,27 @@ def _compile(lowering: str, args: tuple, mode: str, mesh, *, input_gradient: boo
     """One layer's program as the trainer and the sampler run it: forward alone under XLA's
     partitioner (sample), or forward and gradients on each device's slice of the batch, the
     kernel's gradient summed over devices (train, as ``step.apply_update``). A layer that reads
-    the image has no input gradient in training (``input_gradient=False``): its program returns
-    the kernel's gradient alone."""
+    the image has no input gradient in training (``input_gradient=False``).
+
+    A training program returns the forward's output with the gradients: the gradients of a
+    convolution do not read it, so a program without it would leave the forward out, and the
+    lowerings differ in their forwards as much as in their gradients."""
     fn = CONV_LOWERINGS[lowering]
     if mode == "sample":
         return jax.jit(fn).lower(*args).compile()
 
     def per_device(x, kernel, dy):
         if not input_gradient:
-            (dkernel,) = jax.vjp(lambda k: fn(x, k), kernel)[1](dy)
-            return jax.lax.psum(dkernel, "data")
-        dx, dkernel = jax.vjp(fn, x, kernel)[1](dy)
-        return dx, jax.lax.psum(dkernel, "data")
+            y, vjp = jax.vjp(lambda k: fn(x, k), kernel)
+            (dkernel,) = vjp(dy)
+            return y, jax.lax.psum(dkernel, "data")
+        y, vjp = jax.vjp(fn, x, kernel)
+        dx, dkernel = vjp(dy)
+        return y, dx, jax.lax.psum(dkernel, "data")
 
     batch = P("data")
     program = jax.shard_map(per_device, mesh=mesh, in_specs=(batch, P(), batch),
-                            out_specs=(batch, P()) if input_gradient else P(), check_vma=False)
+                            out_specs=(batch, batch, P()) if input_gradient else (batch, P()), check_vma=False)
     return jax.jit(program).lower(*args).compile()
 
 
