@@ -8,6 +8,7 @@ import optax
 import pytest
 import torch
 
+from ddpm_recipe import digits
 from unet_jax.step import learning_rate
 from unet_jax.train import Config
 from unet_torch import Unet
@@ -207,3 +208,17 @@ def test_torch_trainer_resumes_from_a_moved_data_folder_and_refuses_other_digits
     with pytest.raises(SystemExit, match=r"^error: .* holds a different run, .*data_fingerprint: the workdir has "
                                          r"'[0-9a-f]{16}', this run asks for '[0-9a-f]{16}'"):
         main(["--workdir", str(workdir), "--steps", "3", "--data", str(new), *TORCH_TINY])
+
+
+def test_torch_trainer_reads_a_root_of_gzipped_training_files_alone(tmp_path, write_idx):
+    # What digits.py's own message tells a user to copy in by hand: torchvision's MNIST class
+    # would want all four files, uncompressed.
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    train = digits.load_bundled("train")
+    write_idx(str(raw / "train-images-idx3-ubyte"), train.images[..., 0], 2051, compress=True)
+    write_idx(str(raw / "train-labels-idx1-ubyte"), train.labels, 2049, compress=True)
+    workdir = tmp_path / "torch"
+    main(["--workdir", str(workdir), "--steps", "1", "--data", str(tmp_path / "mnist"), *TORCH_TINY])
+    assert torch.load(workdir / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert json.loads((workdir / "config.json").read_text())["data_fingerprint"] == digits.fingerprint(train)

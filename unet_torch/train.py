@@ -96,15 +96,16 @@ def apply_update(model, ema, optimizer, scheduler, schedule: Schedule, x0, t_B, 
 
 
 def _loader(config, generator) -> tuple[DataLoader, str]:
-    """The shuffled batches of the training digits, and the digits' fingerprint (as the JAX trainer records it)."""
+    """The shuffled batches of the training digits, and the digits' fingerprint (as the JAX trainer records it).
+
+    A torchvision root is read by our own reader, as the JAX trainer reads it, rather than by
+    torchvision's MNIST: the same bytes are fingerprinted and trained on, and a root that holds
+    only the gzipped files, or only the training split, works here as it does there."""
     if config.data == digits.BUNDLED:
         train = digits.load_bundled("train")
-        dataset = DigitsDataset(train.images)
     else:
-        from torchvision.datasets import MNIST
-
-        train = digits.load_torchvision_root(config.data, "train")  # the same clear errors as the JAX side
-        dataset = MNIST(config.data, train=True, download=False, transform=TRANSFORM)
+        train = digits.load_torchvision_root(config.data, "train")
+    dataset = DigitsDataset(train.images)
     check_batch_fits(config.batch_size, len(dataset))
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=generator)
     return loader, digits.fingerprint(train)
