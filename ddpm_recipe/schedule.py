@@ -6,6 +6,7 @@ alpha_bar_0 = 1), so a sampler's last step lands exactly on the clean image. Bot
 and both samplers read this module, so they run on the very same numbers.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -44,6 +45,12 @@ def linear_schedule(n_T: int = N_T, beta_1: float = BETA_1, beta_T: float = BETA
     alpha = 1.0 - beta
     alpha_bar = np.cumprod(alpha)
     return Schedule(beta, alpha, alpha_bar, np.sqrt(alpha_bar), np.sqrt(1.0 - alpha_bar))
+
+
+def check_eta(eta) -> None:
+    """DDIM's eta scales the noise each step adds: 0 adds none, 1 is DDPM-like; below 0 means nothing."""
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"expected DDIM eta >= 0 (0 deterministic, 1 DDPM-like), got {eta}")
 
 
 def ddim_timesteps(n_T: int, steps: int) -> np.ndarray:

@@ -63,6 +63,8 @@ class Config:
                 raise SettingsError(f"Config.{name} must be a whole number of at least {least}, got {value!r}")
         if not self.lr > 0:
             raise SettingsError(f"Config.lr must be above 0, got {self.lr}")
+        if not self.eta >= 0:
+            raise SettingsError(f"Config.eta must be 0 or more (0 deterministic, 1 DDPM-like), got {self.eta}")
         if not 0 <= self.ema_decay < 1:
             raise SettingsError(f"Config.ema_decay must be in [0, 1), got {self.ema_decay}")
         for name, allowed in (("dtype", DTYPES), ("sampler", SAMPLERS)):
@@ -102,6 +104,14 @@ def finite(text):
     value = float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def ddim_eta(text):
+    """--eta: DDIM's noise scale, 0 or more."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number, 0 or more (0 deterministic, 1 DDPM-like), got {text}")
     return value
 
 
@@ -148,7 +158,7 @@ def build_parser(prog: str, description: str, workdir: str = Config.workdir) -> 
     p.add_argument("--ckpt-every", type=non_negative, default=d.ckpt_every, help="0 disables; the end always saves")
     p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler)
     p.add_argument("--sample-steps", type=positive(int), default=d.sample_steps, help="DDIM steps")
-    p.add_argument("--eta", type=finite, default=d.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--eta", type=ddim_eta, default=d.eta, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--num-samples", type=positive(int), default=d.num_samples)
     p.add_argument("--log-every", type=positive(int), default=d.log_every)
     return p

@@ -223,3 +223,15 @@ def test_torch_and_jax_samplers_agree_over_many_steps_with_shared_noise(sampler,
             theirs = torch_diffusion.ddpm_sample(torch_eps, s, x_torch)
         assert queue == [], "torch drew noise exactly where JAX did"
         np.testing.assert_allclose(ours, theirs.numpy().transpose(0, 2, 3, 1), rtol=1e-12, atol=1e-12)
+
+
+def test_both_ddim_samplers_refuse_a_negative_eta():
+    import torch
+
+    from unet_torch.diffusion import ddim_sample as torch_ddim_sample
+
+    schedule = linear_schedule(10)
+    with pytest.raises(ValueError, match="expected DDIM eta >= 0"):
+        ddim_sample(lambda x, t: x, schedule, jax.random.key(0), jnp.zeros((1, 28, 28, 1)), 2, eta=-0.5)
+    with pytest.raises(ValueError, match="expected DDIM eta >= 0"):
+        torch_ddim_sample(lambda x, t: x, schedule, torch.zeros(1, 1, 28, 28), 2, eta=-0.5)

@@ -154,7 +154,8 @@ def test_evaluate_says_in_one_line_what_data_or_cache_it_cannot_use(classifier, 
                        "--sample-steps", "3"])
 
 
-@pytest.mark.parametrize("flags", [["--sample-steps", "0"], ["--eta", "inf"], ["--n-T", "0"], ["--seed", "-1"]])
+@pytest.mark.parametrize("flags", [["--sample-steps", "0"], ["--eta", "inf"], ["--eta", "-1"], ["--n-T", "0"],
+                                   ["--seed", "-1"]])
 def test_evaluate_refuses_flags_that_cannot_draw(flags, capsys):
     with pytest.raises(SystemExit) as info:
         evaluate.main(flags)

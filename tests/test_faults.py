@@ -107,6 +107,15 @@ def test_non_finite_numbers_are_refused_by_the_flags(flag, value, capsys):
     assert info.value.code == 2 and "finite" in capsys.readouterr().err
 
 
+def test_a_negative_ddim_eta_is_refused_by_the_flags_and_the_config(capsys):
+    # eta scales the noise DDIM adds; below 0 the two samplers would not even agree on what it means.
+    with pytest.raises(SystemExit) as info:
+        parse_config(build_parser(), ["--eta", "-0.5"])
+    assert info.value.code == 2 and "0 or more" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^Config\.eta must be 0 or more"):
+        Config(eta=-0.5)
+
+
 def test_non_finite_numbers_are_refused_by_the_config():
     for field in ("lr", "eta", "ema_decay"):
         with pytest.raises(ValueError, match=f"{field}"):

@@ -41,7 +41,8 @@ def test_sample_without_checkpoint_says_so(tmp_path):
         sample.main(["--workdir", str(tmp_path)])
 
 
-@pytest.mark.parametrize("flags", [["--num", "0"], ["--sample-steps", "0"], ["--eta", "nan"], ["--seed", str(2**64)]])
+@pytest.mark.parametrize("flags", [["--num", "0"], ["--sample-steps", "0"], ["--eta", "nan"], ["--eta", "-1"],
+                                   ["--seed", str(2**64)]])
 def test_sample_refuses_flags_that_cannot_draw(flags, capsys):
     with pytest.raises(SystemExit) as info:
         sample.main(flags)

@@ -18,6 +18,7 @@ from ddpm_recipe.schedule import (
     DEFAULT_SAMPLER,
     N_T,
     Schedule,
+    check_eta,
     ddim_timesteps,
     linear_schedule,
 )
@@ -82,6 +83,8 @@ def ddpm_sample(eps_fn: Callable, schedule: Schedule, key, x_T, clip_x0: bool = 
 def ddim_sample(eps_fn: Callable, schedule: Schedule, key, x_T, steps: int = DEFAULT_SAMPLE_STEPS,
                 eta: float = DEFAULT_ETA, clip_x0: bool = DEFAULT_CLIP_X0):
     """DDIM (Song et al. 2021, eq. 12) over ``steps`` evenly spaced timesteps; eta=1 is DDPM-like."""
+    if not isinstance(eta, jax.core.Tracer):
+        check_eta(eta)
     dtype = x_T.dtype
     taus = ddim_timesteps(schedule.n_T, steps)
     alpha_bar = jnp.asarray(schedule.alpha_bar, dtype)

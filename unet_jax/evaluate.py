@@ -25,7 +25,7 @@ import optax
 from flax import serialization
 
 from ddpm_recipe.errors import first_line
-from ddpm_recipe.settings import SAMPLERS, finite, positive, seed
+from ddpm_recipe.settings import SAMPLERS, ddim_eta, positive, seed
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.diffusion import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
 from unet_jax.layers import conv_same_tapgrad, max_pool
@@ -227,7 +227,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num", type=int, default=1000, help="samples to draw")
     parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER)
     parser.add_argument("--sample-steps", type=positive(int), default=DEFAULT_SAMPLE_STEPS)
-    parser.add_argument("--eta", type=finite, default=DEFAULT_ETA)
+    parser.add_argument("--eta", type=ddim_eta, default=DEFAULT_ETA)
     parser.add_argument("--seed", type=seed, default=0)
     autotune.add_conv_flag(parser)
     parser.add_argument("--raw", action="store_true",

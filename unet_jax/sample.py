@@ -13,7 +13,7 @@ import numpy as np
 
 from ddpm_recipe.run_folder import save_grid, to_uint8  # noqa: F401 (part of this module's API)
 from ddpm_recipe.schedule import linear_schedule
-from ddpm_recipe.settings import SAMPLERS, finite, positive, seed
+from ddpm_recipe.settings import SAMPLERS, ddim_eta, positive, seed
 from unet_jax import autotune, checkpoints, devices
 from unet_jax.diffusion import (
     DEFAULT_CLIP_X0,
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER)
     parser.add_argument("--sample-steps", type=positive(int), default=DEFAULT_SAMPLE_STEPS,
                         help="DDIM steps (DDPM always takes n_T)")
-    parser.add_argument("--eta", type=finite, default=DEFAULT_ETA, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--eta", type=ddim_eta, default=DEFAULT_ETA, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--no-clip-x0", action="store_true", help="do not clip the predicted x0 to [-1, 1] each step")
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")

@@ -2,7 +2,7 @@
 
 import torch
 
-from ddpm_recipe.schedule import DEFAULT_CLIP_X0, DEFAULT_ETA, Schedule, ddim_timesteps
+from ddpm_recipe.schedule import DEFAULT_CLIP_X0, DEFAULT_ETA, Schedule, check_eta, ddim_timesteps
 
 
 def _at(table, t_B, like):
@@ -41,6 +41,7 @@ def ddpm_sample(model, schedule: Schedule, x_T, generator=None, clip_x0: bool = 
 def ddim_sample(model, schedule: Schedule, x_T, steps: int, eta: float = DEFAULT_ETA, generator=None,
                 clip_x0: bool = DEFAULT_CLIP_X0):
     """DDIM (Song et al. 2021, eq. 12) over ``steps`` evenly spaced timesteps."""
+    check_eta(eta)
     taus = list(ddim_timesteps(schedule.n_T, steps)[::-1])
     x = x_T
     for t, t_prev in zip(taus, taus[1:] + [0]):
