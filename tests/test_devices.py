@@ -9,6 +9,7 @@ import pytest
 
 from unet_jax import devices
 from unet_jax.flags import build_parser, parse_config
+from unet_jax.train import main as train_main
 
 
 def test_use_all_cpu_cores_respects_a_user_count(monkeypatch):
@@ -73,5 +74,20 @@ def test_process_flags_are_checked(flags, message, capsys):
 def test_slurm_tasks_without_distributed_are_refused(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "1")
-    with pytest.raises(SystemExit, match="Add --distributed"):
+    with pytest.raises(devices.ClusterError, match="Add --distributed"):
         devices.start_processes(devices.Cluster())
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # main sets the device count there
+    with pytest.raises(SystemExit, match="^error: launched as one of 4 SLURM tasks without --distributed"):
+        train_main(["--steps", "1"])
+
+
+def test_distributed_outside_a_cluster_says_so_in_one_line(tmp_path):
+    # jax.distributed.initialize() finds no SLURM, Open MPI or TPU VM here, and raises a bare
+    # ValueError. In a process of its own: joining a cluster must come before any JAX work.
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("SLURM_", "OMPI_"))}
+    result = subprocess.run([sys.executable, "-m", "unet_jax.train", "--distributed", "--workdir",
+                             str(tmp_path / "run"), "--steps", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: --distributed found no SLURM, Open MPI or TPU VM environment that names the run's processes")
+    assert not (tmp_path / "run").exists()

@@ -40,6 +40,11 @@ class Cluster:
         return self.coordinator is not None or self.detect
 
 
+class ClusterError(RuntimeError):
+    """The processes of a run cannot be told apart or found: SLURM tasks without --distributed, or
+    --distributed where no cluster says what the processes are."""
+
+
 def start_processes(cluster: Cluster) -> None:
     """Join the run's other processes (a no-op for a single-process run). Call before any JAX work.
 
@@ -48,8 +53,8 @@ def start_processes(cluster: Cluster) -> None:
     if not cluster.multi_process:
         tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
         if "SLURM_PROCID" in os.environ and tasks > 1:
-            raise SystemExit(f"error: launched as one of {tasks} SLURM tasks without --distributed; each task would "
-                             "train its own copy into the same workdir. Add --distributed.")
+            raise ClusterError(f"launched as one of {tasks} SLURM tasks without --distributed; each task would "
+                               "train its own copy into the same workdir. Add --distributed.")
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     timeouts = dict(heartbeat_timeout_seconds=cluster.heartbeat_timeout_s, shutdown_timeout_seconds=60,
@@ -58,7 +63,12 @@ def start_processes(cluster: Cluster) -> None:
         _roll_call(cluster)
         jax.distributed.initialize(cluster.coordinator, cluster.num_processes, cluster.process_id, **timeouts)
     else:
-        jax.distributed.initialize(**timeouts)
+        try:
+            jax.distributed.initialize(**timeouts)
+        except ValueError as error:  # what JAX raises where no cluster environment names the processes
+            raise ClusterError(f"--distributed found no SLURM, Open MPI or TPU VM environment that names the run's "
+                               f"processes ({error}); outside one, give --coordinator, --num-processes and "
+                               "--process-id") from None
 
 
 def is_primary() -> bool:

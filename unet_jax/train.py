@@ -454,7 +454,7 @@ def download_once(root: str) -> None:
 USER_ERRORS = (data.MnistError, checkpoints.IncompatibleWorkdirError, checkpoints.WorkdirBusyError,
                checkpoints.NoReadableCheckpointError, devices.BatchSplitError, devices.RollCallError,
                FloatingPointError, WorkdirError, InitFromError, checkpoints.CheckpointSaveError, SettingsError,
-               RecordError, PeerReadError)
+               RecordError, PeerReadError, devices.ClusterError)
 
 
 def main(argv=None) -> None:
