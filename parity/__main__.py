@@ -10,6 +10,7 @@ import sys
 
 import jax
 
+from ddpm_recipe.settings import positive, seed
 from ddpm_recipe.weights import TorchNotInstalledError, import_torch
 from parity.port import CheckpointMismatchError, WeightsFileError
 from unet_jax.layers import CONV_LOWERINGS
@@ -18,15 +19,13 @@ from unet_jax.layers import CONV_LOWERINGS
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=positive(int), default=8)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--weights", help="a torch state_dict (.pt/.pth/.safetensors) to compare instead of a random init")
     parser.add_argument("--reference-layers", action="store_true", help="use plain Flax/lax pools and transposed convs")
     parser.add_argument("--conv", choices=sorted(CONV_LOWERINGS), default="xla",
                         help="the Flax side's 3x3 conv lowering (default %(default)s)")
     args = parser.parse_args(argv)
-    if args.batch < 1:
-        parser.error("--batch must be at least 1")
     try:
         import_torch("python -m parity (it runs the torch reference)")
     except TorchNotInstalledError as error:

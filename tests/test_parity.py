@@ -72,6 +72,13 @@ def test_cli_fails_on_a_mismatch(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags", [["--seed", "-1"], ["--batch", "0"]])
+def test_cli_refuses_a_seed_or_batch_it_cannot_use(flags, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(flags)
+    assert info.value.code == 2 and f"argument {flags[0]}: expected " in capsys.readouterr().err
+
+
 def test_cli_takes_weights(tmp_path, capsys):
     import torch
 

@@ -94,6 +94,15 @@ def test_export_refuses_an_unknown_extension(workdir):
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize("flags", [["--raw"], ["--workdir", "runs/mine"]])
+def test_export_of_initial_weights_refuses_the_flags_of_a_run(flags, tmp_path, capsys):
+    # --init-seed makes its weights from the seed: a run's --workdir or --raw would be silently ignored.
+    with pytest.raises(SystemExit) as info:
+        export.main(["--init-seed", "3", "--out", str(tmp_path / "init.pt"), *flags])
+    assert info.value.code == 2 and "drop --workdir and --raw" in capsys.readouterr().err
+    assert not (tmp_path / "init.pt").exists()
+
+
 def test_export_of_the_initial_weights_is_the_trainers_start(tmp_path):
     # The trainer's first step runs at learning rate 0 (linear warm-up from 0), so after one step
     # its raw weights are still the ones it started from: those --init-seed must export.

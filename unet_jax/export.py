@@ -67,7 +67,7 @@ def _writing(out: str):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet_jax.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/default")
+    parser.add_argument("--workdir", default=None, help="the run to export (default runs/default)")
     parser.add_argument("--out", required=True, help="model.pt, model.pth or model.safetensors")
     parser.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     parser.add_argument("--init-seed", type=seed, default=None,
@@ -75,6 +75,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not args.out.endswith((".pt", ".pth", ".safetensors")):
         parser.error(f"--out must end in .pt, .pth or .safetensors, got {args.out!r}")
+    if args.init_seed is not None and (args.raw or args.workdir is not None):
+        parser.error("--init-seed exports a run's initial weights, made from the seed alone: drop --workdir and --raw")
+    args.workdir = args.workdir or "runs/default"
     try:
         if args.init_seed is not None:
             export_initial(args.init_seed, args.out)
