@@ -5,6 +5,7 @@ import pytest
 
 from parity.__main__ import main
 from parity.compare import ACTIVATIONS, TOLERANCES, build_torch_model, compare
+from unet_jax.layers import CONV_LOWERINGS
 
 
 def _assert_all_pass(rows):
@@ -36,6 +37,22 @@ def test_float32_gradients_agree(seed, batch):
     rows = compare(build_torch_model(seed, "float32"), seed=seed, batch=batch, dtype="float32")
     assert not any(r.skipped for r in rows), "this batch has a max-pool near-tie; pick one without"
     _assert_all_pass(rows)
+
+
+@pytest.mark.parametrize("conv", sorted(set(CONV_LOWERINGS) - {"xla"}))
+def test_every_conv_lowering_agrees_through_the_whole_network(conv):
+    # Each lowering held to torch through the whole UNet, every intermediate and every parameter
+    # gradient (tests/test_layers.py holds them layer by layer); Winograd's transforms add rounding
+    # that grows with depth, so its lowerings are held to float32's tolerances there too (on a
+    # batch without a max-pool near-tie).
+    with jax.enable_x64(True):
+        rows = compare(build_torch_model(1, "float64"), seed=1, batch=2, dtype="float64", conv=conv)
+    assert not any(r.skipped for r in rows)
+    _assert_all_pass(rows)
+    if conv.startswith("winograd"):
+        rows = compare(build_torch_model(1, "float32"), seed=1, batch=2, dtype="float32", conv=conv)
+        assert not any(r.skipped for r in rows), "this batch has a max-pool near-tie; pick one without"
+        _assert_all_pass(rows)
 
 
 def test_reference_layers_agree_too():
