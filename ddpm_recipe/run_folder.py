@@ -113,6 +113,18 @@ def recorded_identity(saved: dict | None, identity: dict, *, resuming: bool) -> 
     return identity | {"init_from_fingerprint": saved.get("init_from_fingerprint")}
 
 
+def write_atomically(path: str, data: bytes | str) -> None:
+    """Write ``path`` beside itself, then rename it into place: a crash never leaves half a file."""
+    with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as indented JSON, atomically (``write_atomically``)."""
+    write_atomically(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
 def trim_metrics(path: str, upto: int) -> None:
     """Keep the rows up to step ``upto``; drop, and report, lines a crash left unreadable."""
     if not os.path.exists(path):
@@ -131,9 +143,7 @@ def trim_metrics(path: str, upto: int) -> None:
                 rows.append(line if line.endswith("\n") else line + "\n")
     if torn:
         print(f"note: dropped {torn} unreadable line(s) of {path} (a write cut short by a crash)")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, "".join(rows))
 
 
 def to_uint8(images) -> np.ndarray:

@@ -167,7 +167,7 @@ def test_a_classifier_that_cannot_be_cached_after_training_says_so(classifier, t
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(evaluate, "train_classifier", lambda train, epochs: classifier[0])  # trained already
-    monkeypatch.setattr(evaluate, "_write_atomically", disk_full)
+    monkeypatch.setattr(evaluate, "write_atomically", disk_full)
     with pytest.raises(evaluate.ClassifierCacheError, match=r"^cannot write the classifier cache .*cache: No space"):
         evaluate.load_or_train_classifier(data.BUNDLED, str(tmp_path / "cache"))
 

@@ -24,6 +24,7 @@ from ddpm_recipe.run_folder import (
     RecordError,
     identity_differences,
     read_record,
+    write_json,
 )
 from unet_jax.layers import ConvPlan
 
@@ -63,14 +64,7 @@ def manager(workdir: str, *, max_to_keep: int = 3) -> ocp.CheckpointManager:
 
 
 def write_config(workdir: str, config: dict) -> None:
-    _write_json(os.path.join(workdir, CONFIG_FILE), config)
-
-
-def _write_json(path: str, obj) -> None:
-    """Atomically (a crash never leaves half a file)."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(workdir, CONFIG_FILE), config)
 
 
 def read_conv_plan(workdir: str) -> ConvPlan | None:
@@ -87,7 +81,7 @@ def read_conv_plan(workdir: str) -> ConvPlan | None:
 
 
 def write_conv_plan(workdir: str, plan: ConvPlan) -> None:
-    _write_json(os.path.join(workdir, CONV_PLAN_FILE), plan.to_json())
+    write_json(os.path.join(workdir, CONV_PLAN_FILE), plan.to_json())
 
 
 class WorkdirLock:

@@ -25,6 +25,7 @@ import optax
 from flax import serialization
 
 from ddpm_recipe.errors import first_line
+from ddpm_recipe.run_folder import write_atomically
 from ddpm_recipe.settings import SAMPLERS, ddim_eta, positive, seed
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.diffusion import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
@@ -161,18 +162,12 @@ def load_or_train_classifier(source: str, cache_dir: str, *, epochs: int | None 
     params = train_classifier(train, epochs=epochs)
     held_out_accuracy = accuracy(params, held_out)
     try:  # each file atomically, the weights last: weights on disk mean their record is there too
-        _write_atomically(info_path, json.dumps({"held_out_accuracy": held_out_accuracy, "epochs": epochs,
+        write_atomically(info_path, json.dumps({"held_out_accuracy": held_out_accuracy, "epochs": epochs,
                                                  "train_images": len(train.labels)}).encode())
-        _write_atomically(path, serialization.to_bytes(params))
+        write_atomically(path, serialization.to_bytes(params))
     except OSError as error:
         raise ClassifierCacheError.of(cache_dir, error) from None
     return params, held_out_accuracy, held_out
-
-
-def _write_atomically(path: str, blob: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
-        f.write(blob)
-    os.replace(path + ".tmp", path)
 
 
 def _recipe_fingerprint() -> str:

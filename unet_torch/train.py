@@ -36,6 +36,7 @@ from ddpm_recipe.run_folder import (
     run_identity,
     save_grid,
     trim_metrics,
+    write_json,
 )
 from ddpm_recipe.schedule import Schedule, linear_schedule
 from ddpm_recipe.settings import Config, SettingsError, build_parser, check_batch_fits, parse_flags
@@ -134,10 +135,7 @@ def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
         raise TorchRunError(f"{config.workdir} holds a different run, so it will not be resumed or overwritten: "
                             + "; ".join(d.strip() for d in differences)
                             + ". Use another --workdir, or the workdir's own settings.")
-    path = os.path.join(config.workdir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        json.dump(recorded_identity(saved, identity, resuming=resuming), f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(config.workdir, CONFIG_FILE), recorded_identity(saved, identity, resuming=resuming))
 
 
 MODEL_FILE = "model.pt"  # the EMA weights, beside each checkpoint
