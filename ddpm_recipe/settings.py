@@ -74,6 +74,11 @@ class Config:
             raise SettingsError(f"Config.sample_steps ({self.sample_steps} DDIM steps) exceeds n_T ({self.n_T})")
 
 
+def due(every: int, step: int, steps: int) -> bool:
+    """Whether a log, checkpoint or sample falls at ``step``: every ``every`` steps (0: never) and at the end."""
+    return (every and step % every == 0) or step == steps
+
+
 def check_batch_fits(batch_size: int, images: int) -> None:
     """Raise if a batch takes more digits than the training split holds (each batch is drawn without repeats)."""
     if batch_size > images:

@@ -242,11 +242,6 @@ def describe_nonfinite(host_acc: dict) -> str:
 
 # ------------------------------------------------------------------ which steps go in one dispatch
 
-def due(every: int, step: int, steps: int) -> bool:
-    """Whether a log, checkpoint or sample falls at ``step``: every ``every`` steps (0: never) and at the end."""
-    return (every and step % every == 0) or step == steps
-
-
 def steps_in_dispatch(config: Config, step: int) -> int:
     """steps_per_dispatch, or 1 where that many would run past a log, checkpoint, sample or the end."""
     boundary = config.steps

@@ -35,7 +35,7 @@ from ddpm_recipe.run_folder import (
     trim_metrics,
 )
 from ddpm_recipe.schedule import linear_schedule
-from ddpm_recipe.settings import PROGRAM, Config, SettingsError, check_batch_fits
+from ddpm_recipe.settings import PROGRAM, Config, SettingsError, check_batch_fits, due
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.flags import build_parser, parse_config
 from unet_jax.layers import ConvPlan
@@ -45,7 +45,6 @@ from unet_jax.step import (
     TrainState,
     create_state,
     describe_nonfinite,
-    due,
     jit_train_steps,
     make_optimizer,
     new_accumulator,

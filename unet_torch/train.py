@@ -39,7 +39,7 @@ from ddpm_recipe.run_folder import (
     write_json,
 )
 from ddpm_recipe.schedule import Schedule, linear_schedule
-from ddpm_recipe.settings import Config, SettingsError, build_parser, check_batch_fits, parse_flags
+from ddpm_recipe.settings import Config, SettingsError, build_parser, check_batch_fits, due, parse_flags
 from ddpm_recipe.weights import CheckpointMismatchError, WeightsFileError, check_floating
 from unet_torch.diffusion import ddim_sample, ddpm_sample, noise_prediction_loss
 from unet_torch.model import Unet
@@ -236,16 +236,16 @@ def train(config: Config) -> dict:
             window.append(value)
             step += 1
             bar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
+            if due(config.log_every, step, config.steps):
                 elapsed = time.perf_counter() - t0
                 row = {"step": step, "loss": float(np.mean(window)), "images_per_s": len(window) * config.batch_size / elapsed}
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
                 window, t0 = [], time.perf_counter()
-            if (config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps:
+            if due(config.ckpt_every, step, config.steps):
                 save()
-            if (config.sample_every and step % config.sample_every == 0) or step == config.steps:
+            if due(config.sample_every, step, config.steps):
                 _sample(config, ema, schedule, step)  # the end always samples, as on the JAX side
             if step == config.steps:
                 break
