@@ -98,7 +98,7 @@ class UnetDown(nn.Module):
 
     def setup(self):
         self.model = [
-            ConvBlock(self.out_channels, self.conv, self.dtype, self.fast),
+            ConvBlock(self.out_channels, conv=self.conv, dtype=self.dtype, fast=self.fast),
             functools.partial(max_pool, window=self.downscale, fast=self.fast),
         ]
 
@@ -143,7 +143,7 @@ class UnetUp(nn.Module):
     def setup(self):
         self.model = [
             ConvTranspose(self.out_channels, self.upscale, self.extra_dim, fast=self.fast, dtype=self.dtype),
-            ConvBlock(self.out_channels, self.conv, self.dtype, self.fast),
+            ConvBlock(self.out_channels, conv=self.conv, dtype=self.dtype, fast=self.fast),
         ]
 
     def __call__(self, x, skip):
@@ -192,8 +192,8 @@ class TimeEmbedding(nn.Module):
 class Unet(nn.Module):
     """eps_hat = Unet()(x, t): x is (B, 28, 28, 1) NHWC, t is (B,) holding timestep / n_T.
 
-    ``fast=False`` swaps in the plain Flax/lax pools and transposed convolutions (same
-    parameters, same numbers, slower on CPU). ``conv`` lowers the 3x3 convolutions: a name
+    ``fast=False`` swaps in the plain Flax/lax pools, transposed convolutions and GroupNorm
+    (same parameters, same numbers, slower on CPU). ``conv`` lowers the 3x3 convolutions: a name
     from ``layers.CONV_LOWERINGS`` for all of them, or a ``ConvPlan`` per layer shape (what
     ``unet_jax.autotune`` measures); every choice reads the same parameters. ``dtype`` is the
     compute dtype (e.g. ``jnp.bfloat16``); parameters keep the dtype they were initialised or

@@ -20,6 +20,7 @@ from unet_jax.diffusion import (
     DEFAULT_ETA,
     DEFAULT_SAMPLE_STEPS,
     DEFAULT_SAMPLER,
+    N_T,
     ddim_sample,
     ddpm_sample,
 )
@@ -28,7 +29,7 @@ from unet_jax.model import COMPUTE_DTYPES, IMAGE_SHAPE, Unet
 
 @functools.partial(jax.jit, static_argnames=("model", "num", "sampler", "steps", "n_T", "eta", "clip_x0", "sharding"))
 def generate(params, key, *, model: Unet, num: int, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_SAMPLE_STEPS,
-             n_T: int = 1000, eta: float = DEFAULT_ETA, clip_x0: bool = DEFAULT_CLIP_X0, sharding=None):
+             n_T: int = N_T, eta: float = DEFAULT_ETA, clip_x0: bool = DEFAULT_CLIP_X0, sharding=None):
     """``num`` images in [-1, 1], (num, 28, 28, 1), from ``params`` with DDPM or DDIM.
 
     ``clip_x0`` clips each step's predicted clean image to [-1, 1]; with ``sharding`` (a

@@ -2,7 +2,7 @@
 and which steps go in each dispatch.
 
 Everything here is pure and runs under ``jax.jit``: the batch is gathered on the device
-from the uint8 training set by ``data.batch_indices`` (a function of the step), the noise
+from the uint8 training set by ``data.epoch_order`` and ``data.batch_in_order`` (functions of the step), the noise
 comes from ``fold_in(key, step)``, and the loss and any non-finite step are folded into a
 device-side log window, so no step waits for the host. ``unet_jax.train`` runs the loop.
 """
@@ -138,8 +138,9 @@ def train_step(state: TrainState, images_u8, keys, *, model, tx, schedule, batch
                sharding=None, order=None):
     """Batch ``state.step`` of the on-device data, fresh noise from fold_in(key, step), one update.
 
-    With ``sharding`` (a batch-axis NamedSharding), XLA splits the batch over the devices and
-    all-reduces the gradients; the numbers are the same batch's whatever the device count.
+    With ``sharding`` (a batch-axis NamedSharding), each device differentiates its slice of the
+    batch and the gradients are averaged over the devices (``apply_update``); the numbers are the
+    same batch's whatever the device count.
     ``order``: the step's (epoch, order) from ``data.epoch_order``, where the caller has it.
     """
     data_key, noise_key = keys

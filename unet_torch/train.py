@@ -62,7 +62,8 @@ class DigitsDataset(Dataset):
 
 
 def learning_rate_factor(step: int, warmup_steps: int, decay_steps: int) -> float:
-    """optax's linear warm-up from 0 (then cosine decay to 0, if asked), at update ``step``."""
+    """The learning rate's factor at update ``step``: a linear warm-up from 0, then constant or a cosine
+    decay to 0, as optax's schedules compute it (tests/test_torch_train.py holds both trainers to them)."""
     if warmup_steps and step < warmup_steps:
         return step / warmup_steps
     if decay_steps:
