@@ -115,7 +115,7 @@ def recorded_identity(saved: dict | None, identity: dict, *, resuming: bool) -> 
 
 def write_atomically(path: str, data: bytes | str) -> None:
     """Write ``path`` beside itself, then rename it into place: a crash never leaves half a file."""
-    with open(path + ".tmp", "wb" if isinstance(data, bytes) else "w") as f:
+    with open(path + ".tmp", "w" if isinstance(data, str) else "wb") as f:
         f.write(data)
     os.replace(path + ".tmp", path)
 

@@ -116,7 +116,8 @@ def ddim_eta(text):
     """--eta: DDIM's noise scale, 0 or more."""
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number, 0 or more (0 deterministic, 1 DDPM-like), got {text}")
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number, 0 or more (0 deterministic, 1 DDPM-like), got {text}")
     return value
 
 

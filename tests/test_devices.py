@@ -84,9 +84,11 @@ def test_slurm_tasks_without_distributed_are_refused(monkeypatch):
 def test_distributed_outside_a_cluster_says_so_in_one_line(tmp_path):
     # jax.distributed.initialize() finds no SLURM, Open MPI or TPU VM here, and raises a bare
     # ValueError. In a process of its own: joining a cluster must come before any JAX work.
-    env = {name: value for name, value in os.environ.items() if not name.startswith(("SLURM_", "OMPI_"))}
-    result = subprocess.run([sys.executable, "-m", "unet_jax.train", "--distributed", "--workdir",
-                             str(tmp_path / "run"), "--steps", "1"], env=env, capture_output=True, text=True, timeout=300)
+    cluster = ("SLURM_", "OMPI_", "TPU_", "KUBERNETES_SERVICE_HOST", "JAX_COORDINATOR_ADDRESS")
+    env = {name: value for name, value in os.environ.items() if not name.startswith(cluster)}
+    command = [sys.executable, "-m", "unet_jax.train", "--distributed", "--workdir", str(tmp_path / "run"),
+               "--steps", "1", "--init-timeout", "10"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: --distributed found no SLURM, Open MPI or TPU VM environment that names the run's processes")

@@ -65,10 +65,12 @@ def start_processes(cluster: Cluster) -> None:
     else:
         try:
             jax.distributed.initialize(**timeouts)
-        except ValueError as error:  # what JAX raises where no cluster environment names the processes
-            raise ClusterError(f"--distributed found no SLURM, Open MPI or TPU VM environment that names the run's "
-                               f"processes ({error}); outside one, give --coordinator, --num-processes and "
-                               "--process-id") from None
+        except ValueError as error:  # JAX's word for a cluster environment it cannot read, or none at all
+            if "coordinator_address" in str(error):
+                raise ClusterError("--distributed found no SLURM, Open MPI or TPU VM environment that names the "
+                                   "run's processes; outside one, give --coordinator, --num-processes and "
+                                   "--process-id") from None
+            raise ClusterError(f"--distributed could not start from the cluster's environment: {error}") from None
 
 
 def is_primary() -> bool:

@@ -77,7 +77,8 @@ def main(argv=None) -> None:
         parser.error(f"--out must end in .pt, .pth or .safetensors, got {args.out!r}")
     if args.init_seed is not None and (args.raw or args.workdir is not None):
         parser.error("--init-seed exports a run's initial weights, made from the seed alone: drop --workdir and --raw")
-    args.workdir = args.workdir or "runs/default"
+    if args.workdir is None:
+        args.workdir = "runs/default"
     try:
         if args.init_seed is not None:
             export_initial(args.init_seed, args.out)
