@@ -93,8 +93,8 @@ def _inputs(key: str, batch: int, mode: str, mesh) -> tuple:
 def _compile(lowering: str, args: tuple, mode: str, mesh, *, input_gradient: bool = True):
     """One layer's program as the trainer and the sampler run it: forward alone under XLA's
     partitioner (sample), or forward and gradients on each device's slice of the batch, the
-    kernel's gradient summed over devices (train; ``step.apply_update`` averages, at the same cost). A layer that reads
-    the image has no input gradient in training (``input_gradient=False``).
+    kernel's gradient summed over devices (train; ``step.apply_update`` averages, at the same
+    cost). A layer that reads the image has no input gradient in training (``input_gradient=False``).
 
     A training program returns the forward's output with the gradients: the gradients of a
     convolution do not read it, so a program without it would leave the forward out, and the

@@ -163,7 +163,7 @@ def load_or_train_classifier(source: str, cache_dir: str, *, epochs: int | None 
     held_out_accuracy = accuracy(params, held_out)
     try:  # each file atomically, the weights last: weights on disk mean their record is there too
         write_atomically(info_path, json.dumps({"held_out_accuracy": held_out_accuracy, "epochs": epochs,
-                                                 "train_images": len(train.labels)}).encode())
+                                                "train_images": len(train.labels)}))
         write_atomically(path, serialization.to_bytes(params))
     except OSError as error:
         raise ClassifierCacheError.of(cache_dir, error) from None
