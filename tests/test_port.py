@@ -133,12 +133,14 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
 
 
 def test_ci_fails_rather_than_skips_without_the_tutorial(tmp_path):
-    """The checks against the tutorial's own code may skip on a user's clone, never in CI."""
+    """The checks against the tutorial's own code may skip on a user's clone, never in CI. The fixture is
+    run from this suite's conftest by a one-line test of its own, in a pytest that imports neither torch nor JAX."""
     assert "export UNET_JAX_REQUIRE_TUTORIAL=1" in open(os.path.join(os.path.dirname(__file__), "..", ".ci", "run")).read()
-    test = f"{__file__}::test_table_covers_the_tutorials_state_dict_in_order"
+    (tmp_path / "test_uses_the_tutorial.py").write_text("def test_it(tutorial_namespace):\n    pass\n")
     base = dict(os.environ, UNET_JAX_TUTORIAL=str(tmp_path / "missing.txt"))
     base.pop("UNET_JAX_REQUIRE_TUTORIAL", None)
     for env, outcome in ((base, "1 skipped"), (dict(base, UNET_JAX_REQUIRE_TUTORIAL="1"), "1 error")):
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert outcome in done.stdout, done.stdout[-2000:]
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "-p", "conftest",
+                               "--rootdir", str(tmp_path), str(tmp_path)], env=env, capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__), timeout=300)
+        assert outcome in done.stdout and "missing.txt" in done.stdout, done.stdout[-2000:]
