@@ -1,5 +1,7 @@
 """The Flax mirror's structure, shapes, input checks and options."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +41,7 @@ def test_initial_weights_are_the_same_inside_a_jit(variables):
 
 def test_intermediate_shapes_are_the_tutorials(variables):
     x, t = _inputs(32)
-    out = Unet().apply(variables, x, t, method=Unet.intermediates)
+    out = jax.eval_shape(functools.partial(Unet().apply, method=Unet.intermediates), variables, x, t)
     expected = {  # the tutorial's printed shapes, NCHW -> NHWC
         "x_f": (32, 28, 28, 64), "d1": (32, 14, 14, 64), "d2": (32, 7, 7, 128), "d3": (32, 3, 3, 128),
         "latent": (32, 1, 1, 128), "temb": (32, 1, 1, 128), "u1": (32, 3, 3, 128), "u2": (32, 7, 7, 128),
@@ -51,9 +53,9 @@ def test_intermediate_shapes_are_the_tutorials(variables):
 def test_encoder_and_decoder_stand_alone(variables):
     x, t = _inputs()
     params = variables["params"]
-    x_f, d1, d2, d3, latent = Encoder().apply({"params": params["encoder"]}, x)
-    u1, u2, u3, u4, eps_hat = Decoder().apply({"params": params["decoder"]}, latent, d3, d2, d1, x_f)
-    full = Unet().apply(variables, x, jnp.zeros(4), method=Unet.intermediates)
+    x_f, d1, d2, d3, latent = jax.jit(Encoder().apply)({"params": params["encoder"]}, x)
+    u1, u2, u3, u4, eps_hat = jax.jit(Decoder().apply)({"params": params["decoder"]}, latent, d3, d2, d1, x_f)
+    full = jax.jit(functools.partial(Unet().apply, method=Unet.intermediates))(variables, x, jnp.zeros(4))
     # With temb = lin2(sin(0)) = lin2's bias (zero at init), the Unet's decoder sees latent alone.
     np.testing.assert_allclose(eps_hat, full["eps_hat"], rtol=0, atol=1e-6)
     assert (u1.shape, u4.shape) == ((4, 3, 3, 128), (4, 28, 28, 64))
@@ -61,16 +63,16 @@ def test_encoder_and_decoder_stand_alone(variables):
 
 def test_fast_and_reference_layers_agree(variables):
     x, t = _inputs()
-    fast = Unet(fast=True).apply(variables, x, t)
-    plain = Unet(fast=False).apply(variables, x, t)
+    fast = jax.jit(Unet(fast=True).apply)(variables, x, t)
+    plain = jax.jit(Unet(fast=False).apply)(variables, x, t)
     np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params(variables):
     x, t = _inputs()
-    out = Unet(dtype=jnp.bfloat16).apply(variables, x, t)
+    out = jax.jit(Unet(dtype=jnp.bfloat16).apply)(variables, x, t)
     assert out.dtype == jnp.bfloat16
-    ref = Unet().apply(variables, x, t)
+    ref = jax.jit(Unet().apply)(variables, x, t)
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.1 * float(jnp.max(jnp.abs(ref))) + 0.05
     # A bfloat16 model initialises float32 parameters (the trainer's bf16 runs rely on it).
     fresh = jax.eval_shape(lambda: init_variables(jax.random.key(1), dtype=jnp.bfloat16))
