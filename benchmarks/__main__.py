@@ -13,8 +13,6 @@ CPU kind, e.g. ...-avx2) and prints the table.
 """
 
 import argparse
-import json
-import os
 import sys
 
 from unet_jax import devices
@@ -22,15 +20,22 @@ from unet_jax import devices
 devices.use_all_cpu_cores()  # before JAX creates its backends
 
 import jax  # noqa: E402
-import torch  # noqa: E402
+
+from ddpm_recipe.weights import TorchNotInstalledError, import_torch  # noqa: E402
+
+try:
+    torch = import_torch("python -m benchmarks (it times torch beside JAX)")
+except TorchNotInstalledError as error:
+    raise SystemExit(f"error: {error}") from None
 
 from benchmarks import jax_bench, torch_bench  # noqa: E402
 from benchmarks.machine import cpu_has_bfloat16, describe, machine, machine_name  # noqa: E402
+from benchmarks.results_folder import RESULTS, writable_folder, write_results  # noqa: E402
 from benchmarks.timing import time_in_turns  # noqa: E402
+from ddpm_recipe.settings import non_negative, positive  # noqa: E402
 from unet_jax import autotune, data  # noqa: E402
 from unet_jax.train import Config  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STEPS_PER_DISPATCH = Config().steps_per_dispatch
 
 
@@ -141,33 +146,28 @@ def table(result: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--batches", type=positive(int), nargs="+", default=[32, 128, 512])
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=None,
                         help="train-step dtypes (default: float32, and bfloat16 where the GPU or CPU has it)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--images-per-repeat", type=int, default=256,
+    parser.add_argument("--repeats", type=positive(int), default=5)
+    parser.add_argument("--images-per-repeat", type=positive(int), default=256,
                         help="train steps per timed repeat = this // batch (JAX rows: rounded to whole dispatches)")
-    parser.add_argument("--ddim-images", type=int, default=64)
-    parser.add_argument("--ddpm-images", type=int, default=None, help="0 skips DDPM-1000 (default: 256 on GPU, 16 on CPU)")
-    parser.add_argument("--sample-repeats", type=int, default=3)
+    parser.add_argument("--ddim-images", type=non_negative, default=64, help="0 skips DDIM-100")
+    parser.add_argument("--ddpm-images", type=non_negative, default=None, help="0 skips DDPM-1000 (default: 256 on GPU, 16 on CPU)")
+    parser.add_argument("--sample-repeats", type=positive(int), default=3)
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile")
-    parser.add_argument("--out", default=RESULTS, help="folder for <machine>.json and .md")
+    parser.add_argument("--out", type=writable_folder, default=RESULTS, help="folder for <machine>.json and .md")
     parser.add_argument("--conv", nargs="+", choices=autotune.CHOICES, default=list(autotune.CHOICES),
                         help="3x3 conv lowerings to time the train step with, each alone (auto is always timed)")
-    parser.add_argument("--conv-batches", type=int, nargs="+", default=[32, 128],
+    parser.add_argument("--conv-batches", type=positive(int), nargs="+", default=[32, 128],
                         help="the batches at which each --conv lowering gets its own row (default %(default)s)")
     args = parser.parse_args(argv)
     if args.ddpm_images is None:
         args.ddpm_images = 256 if torch.cuda.is_available() else 16
     result = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    name = machine_name(result["machine"])
-    with open(os.path.join(args.out, name + ".json"), "w") as f:
-        json.dump(result, f, indent=2)
     text = table(result)
-    with open(os.path.join(args.out, name + ".md"), "w") as f:
-        f.write(text + "\n")
-    print("\n" + text)
+    print("\n" + text, flush=True)
+    write_results(args.out, machine_name(result["machine"]), result, text)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import torch
 
 from benchmarks.timing import time_repeats
+from ddpm_recipe.settings import positive
 from unet_jax import devices
 from unet_jax.layers import CONV_LOWERINGS
 
@@ -56,10 +57,10 @@ def torch_case(batch: int, size: int, channels: int, repeats: int, dtype: str, t
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.conv", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--size", type=int, default=28)
-    parser.add_argument("--channels", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=positive(int), default=64)
+    parser.add_argument("--size", type=positive(int), default=28)
+    parser.add_argument("--channels", type=positive(int), default=64)
+    parser.add_argument("--repeats", type=positive(int), default=10)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--conv", nargs="+", choices=sorted(CONV_LOWERINGS), default=sorted(CONV_LOWERINGS),
                         help="the 3x3 conv lowerings to time on XLA (default: all)")

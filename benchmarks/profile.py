@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.jax_bench import train_program
+from ddpm_recipe.settings import non_negative, positive
 from unet_jax import autotune, data, devices
 from unet_jax.model import IMAGE_SHAPE, Unet
 
@@ -151,17 +152,15 @@ def op_times(trace_dir: str, program: dict[str, tuple[str, str]] | None = None) 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64, help="per device: 64 is batch 128 over two devices")
-    parser.add_argument("--devices", type=int, default=1,
+    parser.add_argument("--batch", type=positive(int), default=64, help="per device: 64 is batch 128 over two devices")
+    parser.add_argument("--devices", type=positive(int), default=1,
                         help="host devices to run on, as the trainer's one per core (default %(default)s); "
                              "the times are per device")
-    parser.add_argument("--steps-per-dispatch", type=int, default=1)
-    parser.add_argument("--dispatches", type=int, default=3)
+    parser.add_argument("--steps-per-dispatch", type=positive(int), default=1)
+    parser.add_argument("--dispatches", type=positive(int), default=3)
     autotune.add_conv_flag(parser)
-    parser.add_argument("--top", type=int, default=10, help="also list this many of the slowest single ops")
+    parser.add_argument("--top", type=non_negative, default=10, help="also list this many of the slowest single ops")
     args = parser.parse_args(argv)
-    if args.devices < 1:
-        parser.error("--devices must be at least 1")
     flags = os.environ.get("XLA_FLAGS", "")
     if devices.DEVICE_COUNT_FLAG not in flags:  # before JAX starts its backend; a count the user set stands
         os.environ["XLA_FLAGS"] = f"{flags} {devices.DEVICE_COUNT_FLAG}={args.devices}".strip()

@@ -18,8 +18,9 @@ import sys
 import tempfile
 
 from benchmarks.machine import describe, machine, machine_name
+from benchmarks.results_folder import RESULTS, writable_folder, write_results
+from ddpm_recipe.settings import positive
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIGS = (("1 device", 1, 1), ("2 devices", 1, 2), ("8 devices", 1, 8), ("2 processes × 1 device", 2, 1))
 
 
@@ -57,12 +58,15 @@ def train_throughput(processes: int, device_count: int, flags: list[str], timeou
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--log-every", type=int, default=20)
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--batch-size", type=positive(int), default=32,
+                        help="the global batch: a multiple of 8 splits over every configuration")
+    parser.add_argument("--steps", type=positive(int), default=200)
+    parser.add_argument("--log-every", type=positive(int), default=20)
+    parser.add_argument("--timeout", type=positive(int), default=900, help="seconds per configuration")
+    parser.add_argument("--out", type=writable_folder, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.steps < 2 * args.log_every:  # the first window holds the compile and is left out
+        parser.error(f"--steps {args.steps} must cover at least two --log-every {args.log_every} windows")
     flags = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--log-every", str(args.log_every),
              "--sample-every", "0", "--ckpt-every", "0", "--num-samples", "8", "--sample-steps", "2"]
     rows = []
@@ -83,13 +87,8 @@ def main(argv=None) -> None:
              "| configuration | images/s (median) | spread (min-max) | × 1 device |", "|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['images_per_s']:.0f} | {r['min']:.0f}-{r['max']:.0f} | {r['vs_1_device']:.2f}× |"
               for r in rows]
-    name = "scaling-" + machine_name(info)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, name + ".json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out, name + ".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
+    print("\n" + "\n".join(lines), flush=True)
+    write_results(args.out, "scaling-" + machine_name(info), result, "\n".join(lines))
 
 
 if __name__ == "__main__":

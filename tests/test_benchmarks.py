@@ -143,3 +143,33 @@ def test_profile_says_in_one_line_what_devices_it_cannot_have(tmp_path):
     too_many = len(jax.devices()) + 1
     with pytest.raises(SystemExit, match=rf"^error: --devices {too_many}: this process has {too_many - 1} cpu device"):
         profile.profile_step(2, 1, 1, str(tmp_path), "tapgrad", device_count=too_many)
+
+
+def test_the_benchmarks_refuse_bad_flags_in_one_line_before_measuring(tmp_path, capsys):
+    import importlib
+
+    from benchmarks import profile, scaling
+
+    bench = importlib.import_module("benchmarks.__main__")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for main, flags, message in (
+            (bench.main, ["--out", str(blocker / "results")], f"cannot make the results folder {blocker / 'results'}"),
+            (bench.main, ["--repeats", "0"], "argument --repeats: expected a positive finite number, got 0"),
+            (bench.main, ["--batches", "32", "0"], "argument --batches: expected a positive finite number, got 0"),
+            (scaling.main, ["--steps", "20"], "--steps 20 must cover at least two --log-every 20 windows"),
+            (profile.main, ["--dispatches", "0"], "argument --dispatches: expected a positive finite number, got 0")):
+        with pytest.raises(SystemExit) as info:
+            main(flags)
+        assert info.value.code == 2 and message in capsys.readouterr().err, flags
+
+
+def test_results_that_cannot_be_written_end_in_one_line(tmp_path):
+    from benchmarks.results_folder import write_results
+
+    write_results(str(tmp_path), "machine", {"rows": []}, "| table |")
+    assert json.loads((tmp_path / "machine.json").read_text()) == {"rows": []}
+    assert (tmp_path / "machine.md").read_text() == "| table |\n"
+    gone = tmp_path / "removed-during-the-run"
+    with pytest.raises(SystemExit, match=f"^error: writing the results to {gone} failed .*; the table above holds them$"):
+        write_results(str(gone), "machine", {"rows": []}, "| table |")
