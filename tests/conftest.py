@@ -37,6 +37,13 @@ def autotune_cache(tmp_path_factory):
     os.environ["UNET_JAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("autotune-cache"))
 
 
+@pytest.fixture(autouse=True)
+def keep_xla_flags(monkeypatch):
+    """The CLIs' mains ask for a device per core through XLA_FLAGS (JAX has started by then, so this
+    process keeps its own); undo it after each test, or the subprocesses of later tests inherit it."""
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+
+
 @pytest.fixture
 def warm_autotune_cache():
     """A function that writes an autotune cache holding ``train`` and ``sample`` plans (a lowering's

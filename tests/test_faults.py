@@ -38,12 +38,6 @@ TINY_FLAGS = ["--batch-size", "8", "--n-T", "20", "--sample-steps", "3", "--num-
               "--sample-every", "0", "--warmup-steps", "2", "--conv", "tapgrad", "--steps-per-dispatch", "1"]
 
 
-@pytest.fixture(autouse=True)
-def keep_xla_flags(monkeypatch):
-    """The CLIs ask for a device per core through XLA_FLAGS; undo that for the tests that follow."""
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A workdir trained 4 steps, with checkpoints at steps 2 and 4. Tests copy it before harming it."""
