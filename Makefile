@@ -31,5 +31,6 @@ parity: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks
 
+# The environment and pytest's cache; never runs/, which holds the trained runs and the classifier.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache

@@ -1,6 +1,5 @@
 """What a benchmark ran on: CPU or GPU, cores, library versions, and a file name for it."""
 
-import os
 import platform
 import re
 
@@ -8,16 +7,12 @@ import jax
 import torch
 
 from unet_jax import devices
+from unet_jax.autotune import cpu_flags, cpu_name, cpuinfo
 
 
 def machine() -> dict:
-    cpu, text = platform.processor() or platform.machine(), ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        match = re.search(r"model name\s*:\s*(.+)", text)
-        cpu = match.group(1).strip() if match else cpu
-    info = {"cpu": cpu, "cores": devices.usable_cores(), "backend": jax.default_backend(),
+    text = cpuinfo()
+    info = {"cpu": cpu_name(text), "cores": devices.usable_cores(), "backend": jax.default_backend(),
             "jax_devices": len(jax.devices()), "jax": jax.__version__, "torch": torch.__version__,
             "python": platform.python_version(), "cpu_bfloat16": cpu_has_bfloat16(), "cpu_kind": cpu_vector_kind()}
     # A virtual machine may name its CPU only "AMD EPYC"; the x86 family and model tell its
@@ -32,11 +27,7 @@ def machine() -> dict:
 
 def cpu_has_bfloat16() -> bool:
     """Whether the CPU computes in bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16)."""
-    if not os.path.exists("/proc/cpuinfo"):
-        return False
-    with open("/proc/cpuinfo") as f:
-        found = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", f.read(), re.M)
-    return bool(found and set(found.group(1).split()) & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(cpu_flags(cpuinfo()) & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def cpu_vector_kind() -> str:
@@ -44,11 +35,7 @@ def cpu_vector_kind() -> str:
 
     Results are kept per kind: XLA:CPU's convolutions behave very differently on the two.
     """
-    flags = set()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            found = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", f.read(), re.M)
-        flags = set(found.group(1).split()) if found else set()
+    flags = cpu_flags(cpuinfo())
     if "avx512f" in flags:
         return "avx512"
     if "avx2" in flags:

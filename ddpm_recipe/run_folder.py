@@ -19,6 +19,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"  # the JAX trainer's
 TORCH_CHECKPOINT_FILE = "checkpoint.pt"  # the torch trainer's
+TORCH_MODEL_FILE = "model.pt"  # the torch trainer's EMA weights, a state_dict beside each checkpoint
 
 
 class WorkdirError(RuntimeError):
@@ -114,10 +115,12 @@ def recorded_identity(saved: dict | None, identity: dict, *, resuming: bool) -> 
 
 
 def write_atomically(path: str, data: bytes | str) -> None:
-    """Write ``path`` beside itself, then rename it into place: a crash never leaves half a file."""
-    with open(path + ".tmp", "w" if isinstance(data, str) else "wb") as f:
+    """Write ``path`` beside itself, then rename it into place: a crash never leaves half a file, and
+    processes writing the same file (a shared cache) each rename a whole one of their own."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w" if isinstance(data, str) else "wb") as f:
         f.write(data)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def write_json(path: str, obj) -> None:

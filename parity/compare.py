@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from parity.port import CheckpointMismatchError, check_floating, flax_to_torch, torch_to_flax
+from parity.port import CheckpointMismatchError, check_floating, flax_to_torch, strip_wrapper_prefix, torch_to_flax
 from unet_jax.diffusion import N_T
 from unet_jax.model import Unet
 from unet_torch.weights import load_state_dict
@@ -127,7 +127,7 @@ def build_torch_model(seed: int, dtype: str, weights=None):
     torch.manual_seed(seed)
     model = TorchUnet()
     if weights is not None:
-        state_dict = load_state_dict(weights) if isinstance(weights, str) else weights
+        state_dict = strip_wrapper_prefix(load_state_dict(weights) if isinstance(weights, str) else weights)
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as error:  # torch lists the missing, unexpected and misshapen keys

@@ -24,6 +24,7 @@ from ddpm_recipe.weights import (  # noqa: F401 (parity's API)
     check_floating,
     check_weights_file,
     import_torch,
+    strip_wrapper_prefix,
 )
 from unet_jax.model import init_variables
 
@@ -60,10 +61,6 @@ LAYERS = (
     ("time_embedding_layer.lin1",         "time_embedding_layer/lin1",                  LINEAR_NO_BIAS),
     ("time_embedding_layer.lin2",         "time_embedding_layer/lin2",                  LINEAR),
 )
-
-# Wrappers that prefix every key: DataParallel / DistributedDataParallel and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
 
 def _rows():
     """(torch key, Flax path tuple, permutation) for every tensor, in torch's state_dict order."""
@@ -156,15 +153,6 @@ def read_weights(path: str | os.PathLike) -> dict:
     return load_state_dict(path)
 
 
-def _strip_wrapper_prefix(state_dict: Mapping) -> dict:
-    """Drop a prefix that DataParallel/DDP ('module.') or torch.compile ('_orig_mod.') put on every key."""
-    state_dict = dict(state_dict)
-    for prefix in WRAPPER_PREFIXES:
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
 # ---------------------------------------------------------------------------- the two directions
 
 def torch_to_flax(source) -> dict:
@@ -191,7 +179,7 @@ def torch_to_flax(source) -> dict:
         raise CheckpointMismatchError(
             "this looks like a training checkpoint, not a state_dict: pass checkpoint['state_dict']"
         )
-    arrays = {k: _to_numpy(v) for k, v in _strip_wrapper_prefix(state_dict).items()}
+    arrays = {k: _to_numpy(v) for k, v in strip_wrapper_prefix(state_dict).items()}
     _check({k: a.shape for k, a in arrays.items()}, torch_shapes(), "the state_dict")
     check_floating(arrays)
 

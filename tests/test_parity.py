@@ -101,3 +101,7 @@ def test_cli_takes_weights(tmp_path, capsys):
 
     torch.save(build_torch_model(5, "float32").state_dict(), tmp_path / "w.pt")
     assert main(["--weights", str(tmp_path / "w.pt"), "--batch", "2"]) == 0
+    # A torch.compile'd model's state_dict prefixes every key; the port strips it, and so does the reference.
+    compiled = {"_orig_mod." + k: v for k, v in build_torch_model(5, "float32").state_dict().items()}
+    torch.save(compiled, tmp_path / "compiled.pt")
+    assert main(["--weights", str(tmp_path / "compiled.pt"), "--batch", "2"]) == 0

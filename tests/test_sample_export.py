@@ -39,6 +39,10 @@ def test_sample_cli_writes_png_and_npy(workdir, tmp_path, warm_autotune_cache, m
 def test_sample_without_checkpoint_says_so(tmp_path):
     with pytest.raises(SystemExit, match="error: no checkpoint in"):
         sample.main(["--workdir", str(tmp_path)])
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # the torch trainer's run folder: its weights go to evaluate
+    with pytest.raises(SystemExit, match=r"^error: no checkpoint of the JAX trainer in .*: it holds a torch training run, "
+                                         r"whose weights python -m unet_jax.evaluate --torch-checkpoint .*model.pt samples"):
+        sample.main(["--workdir", str(tmp_path)])
 
 
 @pytest.mark.parametrize("flags", [["--num", "0"], ["--sample-steps", "0"], ["--eta", "nan"], ["--eta", "-1"],

@@ -165,6 +165,18 @@ def test_torch_trainer_refuses_a_checkpoint_not_its_own_and_stops_on_a_failed_sa
     assert torch.load(workdir / "checkpoint.pt", weights_only=True)["step"] == 1
 
 
+def test_torch_trainer_starts_from_a_ddp_state_dict_as_the_jax_trainer_does(tmp_path):
+    # DistributedDataParallel prefixes every key with 'module.'; both trainers and the port strip it.
+    torch.manual_seed(0)
+    weights = {"module." + k: v for k, v in Unet().state_dict().items()}
+    torch.save(weights, tmp_path / "ddp.pt")
+    main(["--workdir", str(tmp_path / "torch"), "--steps", "1", "--warmup-steps", "2",
+          "--init-from", str(tmp_path / "ddp.pt"), *TORCH_TINY])
+    trained = torch.load(tmp_path / "torch" / "model.pt", weights_only=True)
+    for k in trained:  # step 0 of the warm-up has lr 0: the weights it started from (the EMA of equal weights, up to its rounding)
+        torch.testing.assert_close(trained[k], weights["module." + k], rtol=1e-6, atol=1e-7)
+
+
 def test_torch_trainer_resumes_from_moved_init_weights_and_after_they_are_gone(tmp_path):
     weights = tmp_path / "start.pt"
     torch.manual_seed(0)

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from ddpm_recipe.run_folder import write_json
 from unet_jax import devices
 from unet_jax.layers import CONV_LOWERINGS, ConvPlan
 from unet_jax.model import conv_layers, image_conv_shapes
@@ -206,17 +207,31 @@ def cache_path() -> str:
     return os.path.join(root, "conv_autotune.json")
 
 
+def cpuinfo() -> str:
+    """The text of /proc/cpuinfo, or "" where there is none (macOS)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return ""
+    with open("/proc/cpuinfo") as f:
+        return f.read()
+
+
+def cpu_name(text: str) -> str:
+    """The CPU's model name in ``cpuinfo()``'s text, else what Python's platform module says."""
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    return model.group(1).strip() if model else (platform.processor() or platform.machine())
+
+
+def cpu_flags(text: str) -> set[str]:
+    """The CPU's feature flags in ``cpuinfo()``'s text (x86 "flags", Arm "Features")."""
+    found = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.M)
+    return set(found.group(1).split()) if found else set()
+
+
 def machine_key(batch: int, mode: str, device_count: int) -> str:
     """What a measurement depends on: the CPU (model and flags), backend, JAX, devices, batch, mode."""
-    cpu, flags = platform.processor() or platform.machine(), ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        found = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.M)
-        cpu = model.group(1).strip() if model else cpu
-        flags = " ".join(sorted(set(found.group(1).split()))) if found else ""
-    flag_hash = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    text = cpuinfo()
+    cpu = cpu_name(text)
+    flag_hash = hashlib.sha256(" ".join(sorted(cpu_flags(text))).encode()).hexdigest()[:12]
     return (f"{cpu} (flags {flag_hash}) | {jax.default_backend()} | jax {jax.__version__} | {device_count} device(s) "
             f"| batch {batch} per device | {mode}")
 
@@ -241,10 +256,7 @@ def _read_cache(path: str) -> dict:
 def _write_cache(path: str, entries: dict) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        write_json(path, {"version": CACHE_VERSION, "entries": entries})
     except OSError as error:  # a read-only home must not stop a run: the plan is still used
         warnings.warn(f"could not write the conv autotune cache {path}: {error.strerror or error}", stacklevel=3)
 

@@ -21,6 +21,7 @@ from ddpm_recipe.run_folder import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     TORCH_CHECKPOINT_FILE,
+    TORCH_MODEL_FILE,
     RecordError,
     identity_differences,
     read_record,
@@ -241,6 +242,10 @@ def restore_latest_params(workdir: str) -> tuple[dict, dict]:
     config = read_record(workdir)
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory) or not committed_steps(workdir):
+        if os.path.exists(os.path.join(workdir, TORCH_CHECKPOINT_FILE)):
+            raise FileNotFoundError(f"no checkpoint of the JAX trainer in {workdir}: it holds a torch training run, whose "
+                                    f"weights python -m unet_jax.evaluate --torch-checkpoint "
+                                    f"{os.path.join(workdir, TORCH_MODEL_FILE)} samples and scores")
         raise FileNotFoundError(f"no checkpoint in {workdir}: train first with python -m unet_jax.train --workdir {workdir}")
     if config is None:
         raise FileNotFoundError(f"{workdir} has checkpoints but no {CONFIG_FILE}, which says how they were trained: "

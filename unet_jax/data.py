@@ -20,7 +20,6 @@ from ddpm_recipe.digits import (  # noqa: F401
     fingerprint,
     load,
     load_bundled,
-    load_torchvision_root,
 )
 
 # ToTensor then Normalize((0.5,), (0.5,)) for each of the 256 pixel values, in torch's float32

@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ddpm_recipe.settings import usable_cores
+
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
@@ -76,11 +78,6 @@ def start_processes(cluster: Cluster) -> None:
 def is_primary() -> bool:
     """Process 0 logs, plots and writes samples; every process takes part in compute and checkpoints."""
     return jax.process_index() == 0
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one; macOS has not)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def use_all_cpu_cores(batch_size: int | None = None) -> None:

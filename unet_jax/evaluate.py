@@ -25,7 +25,7 @@ import optax
 from flax import serialization
 
 from ddpm_recipe.errors import first_line
-from ddpm_recipe.run_folder import write_atomically
+from ddpm_recipe.run_folder import write_atomically, write_json
 from ddpm_recipe.settings import SAMPLERS, ddim_eta, positive, seed
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.diffusion import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
@@ -274,8 +274,7 @@ def main(argv=None) -> None:
     path = prefix + ".json"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(path, report)
         path = prefix + "_samples.png"
         save_labelled_grid(samples[:100], probs.argmax(1), probs.max(1), path)
     except OSError as error:

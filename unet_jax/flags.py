@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the workdir's checkpoints lost their config.json: write it from these flags and resume")
     autotune.add_conv_flag(p, d.conv)
     p.add_argument("--steps-per-dispatch", type=positive(int), default=d.steps_per_dispatch, metavar="K",
-                   help="K train steps in one device program (default %(default)s; compile time grows with K)")
+                   help="K train steps in one device program (default %(default)s): a loop, or K unrolled steps (K times the "
+                        "compile) where a layer keeps XLA's own convolution")
     g = p.add_argument_group("multi-process runs",
                              "every process runs the same command; see benchmarks/README.md, Scaling out")
     g.add_argument("--coordinator", type=address, default=None, metavar="HOST:PORT",

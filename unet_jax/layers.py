@@ -13,7 +13,7 @@ convolution has stride == kernel, so windows never overlap and both become resha
 
 The 3x3 convolution (``Conv3x3``) has several exact lowerings instead, since none is fastest
 everywhere: XLA:CPU's own convolution wins where its gradient convolutions take a fast path,
-and loses several-fold where they do not (``benchmarks/README.md`` has both machines).
+and loses several-fold where they do not (``benchmarks/README.md`` has every machine measured).
 ``unet_jax.autotune`` picks one per layer shape by timing them on the machine.
 """
 

@@ -27,6 +27,7 @@ from ddpm_recipe.run_folder import (
     CONFIG_FILE,
     METRICS_FILE,
     TORCH_CHECKPOINT_FILE,
+    TORCH_MODEL_FILE,
     RecordError,
     WorkdirError,
     identity_differences,
@@ -39,8 +40,8 @@ from ddpm_recipe.run_folder import (
     write_json,
 )
 from ddpm_recipe.schedule import Schedule, linear_schedule
-from ddpm_recipe.settings import Config, SettingsError, build_parser, check_batch_fits, due, parse_flags
-from ddpm_recipe.weights import CheckpointMismatchError, WeightsFileError, check_floating
+from ddpm_recipe.settings import Config, SettingsError, build_parser, check_batch_fits, due, parse_flags, usable_cores
+from ddpm_recipe.weights import CheckpointMismatchError, WeightsFileError, check_floating, strip_wrapper_prefix
 from unet_torch.diffusion import ddim_sample, ddpm_sample, noise_prediction_loss
 from unet_torch.model import Unet
 from unet_torch.weights import load_state_dict
@@ -130,7 +131,7 @@ def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
     identity = run_identity(config, data_fingerprint)
     # Only saved weights make the workdir a run's: a record left by a start that never reached its
     # first checkpoint (killed, or stopped by a bad flag) is replaced, as the JAX trainer does.
-    has_weights = resuming or os.path.exists(os.path.join(config.workdir, MODEL_FILE))
+    has_weights = resuming or os.path.exists(os.path.join(config.workdir, TORCH_MODEL_FILE))
     differences = identity_differences(saved, identity) if saved is not None and has_weights else []
     if differences:
         raise TorchRunError(f"{config.workdir} holds a different run, so it will not be resumed or overwritten: "
@@ -139,7 +140,6 @@ def _check_workdir(config, resuming: bool, data_fingerprint: str) -> None:
     write_json(os.path.join(config.workdir, CONFIG_FILE), recorded_identity(saved, identity, resuming=resuming))
 
 
-MODEL_FILE = "model.pt"  # the EMA weights, beside each checkpoint
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "generator")
 
 
@@ -183,7 +183,7 @@ def train(config: Config) -> dict:
     schedule = linear_schedule(config.n_T)
     model = Unet()
     if config.init_from and not resuming:  # a resumed run's weights are its checkpoint's, wherever --init-from is now
-        state_dict = load_state_dict(config.init_from)
+        state_dict = strip_wrapper_prefix(load_state_dict(config.init_from))
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as error:  # torch lists the missing, unexpected and misshapen keys
@@ -217,7 +217,7 @@ def train(config: Config) -> dict:
                         "scheduler": scheduler.state_dict(), "step": step, "generator": generator.get_state()},
                        checkpoint_path + ".tmp")
             os.replace(checkpoint_path + ".tmp", checkpoint_path)
-            torch.save(ema.state_dict(), os.path.join(config.workdir, MODEL_FILE))
+            torch.save(ema.state_dict(), os.path.join(config.workdir, TORCH_MODEL_FILE))
         except OSError as error:  # the .tmp is written first: the checkpoint before stays whole
             raise TorchRunError(f"saving the checkpoint of step {step} to {checkpoint_path} failed "
                                 f"({error.strerror or error}); stopping. The run resumes from its last saved "
@@ -270,8 +270,7 @@ def _sample(config, ema, schedule, step: int):
 def main(argv=None) -> None:
     parser = build_parser("python -m unet_torch.train", __doc__.splitlines()[0], workdir="runs/torch")
     config, options = parse_flags(parser, argv)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # none on macOS
-    torch.set_num_threads(cores or 1)
+    torch.set_num_threads(usable_cores())
     try:
         if options["download"]:
             digits.download(config.data)
