@@ -6,6 +6,7 @@ trainer keeps its checkpoints in ``checkpoints/``, the torch trainer in ``checkp
 so each can tell the other's folder from its own.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,9 +119,14 @@ def write_atomically(path: str, data: bytes | str) -> None:
     """Write ``path`` beside itself, then rename it into place: a crash never leaves half a file, and
     processes writing the same file (a shared cache) each rename a whole one of their own."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w" if isinstance(data, str) else "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, or an interrupt: no temp file is left behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_json(path: str, obj) -> None:

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ddpm_recipe.run_folder import trim_metrics
+from ddpm_recipe.run_folder import trim_metrics, write_atomically
 from parity import CheckpointMismatchError, WeightsFileError, flax_to_torch, torch_to_flax
 from unet_jax import checkpoints, data, devices, evaluate, export, sample
 from unet_jax import train as train_module
@@ -601,3 +601,13 @@ def test_a_run_that_lost_a_process_does_not_wait_for_its_save_in_flight(tmp_path
         saves.close()
     saves.abandon()
     saves.close()  # returns at once
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):
+    path = tmp_path / "config.json"
+    write_atomically(str(path), "old")
+    (tmp_path / "blocked").mkdir()  # a folder where the file would be: the rename fails
+    with pytest.raises(OSError):
+        write_atomically(str(tmp_path / "blocked"), "new")
+    write_atomically(str(path), "new")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["blocked", "config.json"]

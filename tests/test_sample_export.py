@@ -40,8 +40,10 @@ def test_sample_without_checkpoint_says_so(tmp_path):
     with pytest.raises(SystemExit, match="error: no checkpoint in"):
         sample.main(["--workdir", str(tmp_path)])
     (tmp_path / "checkpoint.pt").write_bytes(b"")  # the torch trainer's run folder: its weights go to evaluate
+    (tmp_path / "config.json").write_text('{"n_T": 400}')
     with pytest.raises(SystemExit, match=r"^error: no checkpoint of the JAX trainer in .*: it holds a torch training run, "
-                                         r"whose weights python -m unet_jax.evaluate --torch-checkpoint .*model.pt samples"):
+                                         r"whose EMA weights \(model.pt, a torch state_dict\) python -m unet_jax.evaluate "
+                                         r"--torch-checkpoint .*model.pt --n-T 400 samples and scores$"):
         sample.main(["--workdir", str(tmp_path)])
 
 

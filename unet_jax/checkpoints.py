@@ -243,9 +243,10 @@ def restore_latest_params(workdir: str) -> tuple[dict, dict]:
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory) or not committed_steps(workdir):
         if os.path.exists(os.path.join(workdir, TORCH_CHECKPOINT_FILE)):
+            n_T = f" --n-T {config['n_T']}" if config and "n_T" in config else ""
             raise FileNotFoundError(f"no checkpoint of the JAX trainer in {workdir}: it holds a torch training run, whose "
-                                    f"weights python -m unet_jax.evaluate --torch-checkpoint "
-                                    f"{os.path.join(workdir, TORCH_MODEL_FILE)} samples and scores")
+                                    f"EMA weights ({TORCH_MODEL_FILE}, a torch state_dict) python -m unet_jax.evaluate "
+                                    f"--torch-checkpoint {os.path.join(workdir, TORCH_MODEL_FILE)}{n_T} samples and scores")
         raise FileNotFoundError(f"no checkpoint in {workdir}: train first with python -m unet_jax.train --workdir {workdir}")
     if config is None:
         raise FileNotFoundError(f"{workdir} has checkpoints but no {CONFIG_FILE}, which says how they were trained: "
