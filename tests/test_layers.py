@@ -1,5 +1,6 @@
 """The fast layers and every 3x3 conv lowering against the plain Flax/lax ones and against torch, values and gradients."""
 
+import functools
 import json
 
 import flax.linen as nn
@@ -154,6 +155,18 @@ def _forward_and_gradients(lowering, x, kernel, dy):
     return (y, *pullback(dy))
 
 
+@functools.cache
+def _every_shape(lowering: str, dtype) -> dict:
+    """(x, kernel, dy) and (y, dx, dkernel) of ``lowering`` for every CONV_SHAPES case, keyed by shape.
+
+    All the shapes go through one jitted program, one compile per lowering and dtype: compiled one
+    by one, the small programs cost about a second each, most of it the same fixed work.
+    """
+    cases = {shape: _conv_case(*shape, dtype) for shape in CONV_SHAPES}
+    found = jax.jit(lambda cases: {shape: _forward_and_gradients(lowering, *case) for shape, case in cases.items()})(cases)
+    return {shape: (cases[shape], found[shape]) for shape in CONV_SHAPES}
+
+
 def _max_relative(found, expected):
     return float(np.max(np.abs(np.asarray(found, np.float64) - expected)) / np.max(np.abs(expected)))
 
@@ -162,9 +175,8 @@ def _max_relative(found, expected):
 @pytest.mark.parametrize("size,in_ch,out_ch", CONV_SHAPES)
 def test_conv_lowering_matches_torch_in_float64(lowering, size, in_ch, out_ch):
     with jax.enable_x64(True):
-        x, kernel, dy = _conv_case(size, in_ch, out_ch, jnp.float64)
+        (x, kernel, dy), found = _every_shape(lowering, jnp.float64)[size, in_ch, out_ch]
         expected = _torch_conv(x, kernel, dy)
-        found = jax.jit(_forward_and_gradients, static_argnums=0)(lowering, x, kernel, dy)
         for name, f, e in zip(("y", "dx", "dkernel"), found, expected):
             assert f.shape == e.shape, name
             assert _max_relative(f, e) <= 1e-12, (name, _max_relative(f, e))
@@ -184,10 +196,9 @@ def test_tap_weight_gradient_of_a_5x5_kernel_matches_torch_in_float64(size, in_c
 @pytest.mark.parametrize("lowering", sorted(set(CONV_LOWERINGS) - {"xla"}))
 @pytest.mark.parametrize("size,in_ch,out_ch", CONV_SHAPES)
 def test_conv_lowering_matches_lax_conv_in_float32(lowering, size, in_ch, out_ch):
-    x, kernel, dy = _conv_case(size, in_ch, out_ch, jnp.float32)
-    expected = [np.asarray(a, np.float64) for a in jax.jit(_forward_and_gradients, static_argnums=0)("xla", x, kernel, dy)]
-    found = jax.jit(_forward_and_gradients, static_argnums=0)(lowering, x, kernel, dy)
-    for name, f, e in zip(("y", "dx", "dkernel"), found, expected):
+    _, expected = _every_shape("xla", jnp.float32)[size, in_ch, out_ch]
+    _, found = _every_shape(lowering, jnp.float32)[size, in_ch, out_ch]
+    for name, f, e in zip(("y", "dx", "dkernel"), found, [np.asarray(a, np.float64) for a in expected]):
         # float32 rounding of sums of up to 9 * 256 terms (Winograd's transforms add a few more roundings)
         assert _max_relative(f, e) <= 1e-5, (name, _max_relative(f, e))
 
