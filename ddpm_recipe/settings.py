@@ -11,7 +11,7 @@ import math
 import os
 
 from ddpm_recipe.digits import BUNDLED
-from ddpm_recipe.schedule import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
+from ddpm_recipe.schedule import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T, check_eta
 
 # The compute dtypes a run may ask for (--dtype); parameters stay float32 either way.
 DTYPES = ("bfloat16", "float32")
@@ -113,11 +113,13 @@ def positive(kind):
 
 
 def ddim_eta(text):
-    """--eta: DDIM's noise scale, 0 or more."""
+    """--eta: DDIM's noise scale, as ``check_eta`` allows it."""
     value = float(text)
-    if not (math.isfinite(value) and value >= 0):
+    try:
+        check_eta(value)
+    except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a finite number, 0 or more (0 deterministic, 1 DDPM-like), got {text}")
+            f"expected a finite number, 0 or more (0 deterministic, 1 DDPM-like), got {text}") from None
     return value
 
 

@@ -173,7 +173,8 @@ def test_torch_trainer_starts_from_a_ddp_state_dict_as_the_jax_trainer_does(tmp_
     main(["--workdir", str(tmp_path / "torch"), "--steps", "1", "--warmup-steps", "2",
           "--init-from", str(tmp_path / "ddp.pt"), *TORCH_TINY])
     trained = torch.load(tmp_path / "torch" / "model.pt", weights_only=True)
-    for k in trained:  # step 0 of the warm-up has lr 0: the weights it started from (the EMA of equal weights, up to its rounding)
+    # Step 0 of the warm-up has lr 0: the weights it started from (the EMA of equal weights, up to its rounding).
+    for k in trained:
         torch.testing.assert_close(trained[k], weights["module." + k], rtol=1e-6, atol=1e-7)
 
 
