@@ -1,6 +1,8 @@
 """python -m unet_jax.sample and python -m unet_jax.export on a tiny trained workdir."""
 
+import os
 import shutil
+import stat
 
 import jax
 import numpy as np
@@ -64,6 +66,11 @@ def test_sample_and_export_say_in_one_line_what_they_cannot_read_or_write(workdi
     for suffix in (".pt", ".safetensors"):
         with pytest.raises(SystemExit, match=rf"^error: cannot write .*a-file/model{suffix}: "):
             export.main(["--workdir", workdir, "--out", str(blocker / ("model" + suffix))])
+        taken = tmp_path / ("a-folder" + suffix)  # the folder exists; the file cannot be made in its place
+        taken.mkdir()
+        with pytest.raises(SystemExit, match=rf"^error: cannot write .*a-folder{suffix}: "):
+            export.main(["--workdir", workdir, "--out", str(taken)])
+        assert os.listdir(taken) == [] and not list(tmp_path.glob("*.tmp"))
     broken = tmp_path / "broken"  # the run, with its record of its settings cut short
     shutil.copytree(workdir, broken)
     (broken / "config.json").write_text('{"n_T": 2')
@@ -76,7 +83,12 @@ def test_sample_and_export_say_in_one_line_what_they_cannot_read_or_write(workdi
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_export_loads_into_the_tutorials_unet_and_matches(workdir, tmp_path, suffix, tutorial_namespace):
     out = str(tmp_path / ("model" + suffix))
-    export.main(["--workdir", workdir, "--out", out])
+    umask = os.umask(0o022)
+    try:
+        export.main(["--workdir", workdir, "--out", out])
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644  # readable by whoever loads it, as the umask says
     tutorial_unet = tutorial_namespace["Unet"]()
     state_dict = torch_to_flax(out)  # also proves the file reads back through the strict loader
     if suffix == ".pt":

@@ -7,12 +7,17 @@ starts from, so that ``python -m unet_torch.train --init-from`` can start from t
 """
 
 import argparse
-import contextlib
+import io
 import os
 
+from ddpm_recipe.run_folder import write_atomically
 from ddpm_recipe.settings import seed
 from ddpm_recipe.weights import TorchNotInstalledError, import_torch
 from unet_jax import checkpoints
+
+
+class OutputError(RuntimeError):
+    """The weights file cannot be written where it was asked for."""
 
 
 def export(workdir: str, out: str, *, raw: bool = False) -> int:
@@ -33,34 +38,25 @@ def export_initial(seed: int, out: str) -> None:
 def save_torch(params, out: str) -> None:
     """Flax params -> a torch state_dict file (.pt/.pth, or .safetensors by the extension); makes its folder.
 
-    A .safetensors file needs no torch: it holds the tensors under torch's names and layouts.
+    A .safetensors file needs no torch: it holds the tensors under torch's names and layouts. The
+    file is made in memory and written atomically, by Python's own file handling: a failed write
+    leaves no partial file and ends in an OutputError, and the file's mode follows the umask.
     """
     from parity import flax_to_numpy, flax_to_torch  # the torch boundary lives in parity
 
     if out.endswith(".safetensors"):
         import jax.numpy as jnp
-        from safetensors.flax import save_file  # the flax writer keeps bfloat16, which NumPy's drops
+        from safetensors.flax import save  # the flax writer keeps bfloat16, which NumPy's drops
 
-        tensors = {k: jnp.asarray(a) for k, a in flax_to_numpy({"params": params}).items()}
-        with _writing(out):
-            save_file(tensors, out)
-        return
-    torch = import_torch(f"writing {out} (a torch .pt file; a .safetensors one does not)")
-    state_dict = flax_to_torch({"params": params})
-    with _writing(out):
-        torch.save(state_dict, out)
-
-
-class OutputError(RuntimeError):
-    """The weights file cannot be written where it was asked for."""
-
-
-@contextlib.contextmanager
-def _writing(out: str):
-    """Make ``out``'s folder; an OSError while writing ``out`` becomes an OutputError that names it."""
+        data = save({k: jnp.asarray(a) for k, a in flax_to_numpy({"params": params}).items()})
+    else:
+        torch = import_torch(f"writing {out} (a torch .pt file; a .safetensors one does not)")
+        buffer = io.BytesIO()
+        torch.save(flax_to_torch({"params": params}), buffer)
+        data = buffer.getvalue()
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        yield
+        write_atomically(out, data)
     except OSError as error:
         raise OutputError(f"cannot write {out}: {error.strerror or error}") from None
 
