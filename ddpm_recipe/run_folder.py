@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 
 import numpy as np
 from PIL import Image
@@ -21,10 +22,15 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"  # the JAX trainer's
 TORCH_CHECKPOINT_FILE = "checkpoint.pt"  # the torch trainer's
 TORCH_MODEL_FILE = "model.pt"  # the torch trainer's EMA weights, a state_dict beside each checkpoint
+LOCK_FILE = ".lock"  # held by the trainer running in the folder
 
 
 class WorkdirError(RuntimeError):
     """The workdir, or a folder of it, cannot be written."""
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another trainer holds the workdir."""
 
 
 class RecordError(RuntimeError):
@@ -132,6 +138,42 @@ def write_atomically(path: str, data: bytes | str) -> None:
 def write_json(path: str, obj) -> None:
     """``obj`` as indented JSON, atomically (``write_atomically``)."""
     write_atomically(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+class WorkdirLock:
+    """An exclusive hold on a workdir for one trainer, released when the process ends, however it ends.
+
+    An advisory ``flock`` on ``WORKDIR/.lock``: the kernel drops it when the holder exits, so a
+    lock left by a killed run never blocks its resume. The file names the holder (pid, host).
+    """
+
+    def __init__(self, workdir: str):
+        import fcntl
+
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "an unknown process"
+            self._file.close()
+            raise WorkdirBusyError(f"{workdir} is in use by another trainer ({holder}); wait for it to end or stop "
+                                   "it, or use another --workdir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing the file drops the flock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def trim_metrics(path: str, upto: int) -> None:

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ddpm_recipe.run_folder import trim_metrics, write_atomically
+from ddpm_recipe.run_folder import LOCK_FILE, WorkdirBusyError, WorkdirLock, trim_metrics, write_atomically
 from parity import CheckpointMismatchError, WeightsFileError, flax_to_torch, torch_to_flax
 from unet_jax import checkpoints, data, devices, evaluate, export, sample
 from unet_jax import train as train_module
@@ -135,25 +135,25 @@ def test_a_diverging_run_names_what_was_not_finite_and_keeps_only_finite_checkpo
 
 
 def test_a_second_trainer_on_a_workdir_is_refused_naming_the_first(run_copy):
-    with checkpoints.WorkdirLock(run_copy):
+    with WorkdirLock(run_copy):
         message = one_line_exit(main, "--workdir", run_copy, "--steps", "6", "--ckpt-every", "2", *TINY_FLAGS)
     assert f"in use by another trainer (pid {os.getpid()} on {socket.gethostname()})" in message
     assert checkpoints.committed_steps(run_copy) == [2, 4]
 
 
 def test_the_lock_of_a_killed_trainer_does_not_block_its_resume(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from unet_jax.checkpoints import WorkdirLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ddpm_recipe.run_folder import WorkdirLock; "
                                "lock = WorkdirLock(sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(tmp_path)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(checkpoints.WorkdirBusyError, match=f"pid {holder.pid}"):
-            checkpoints.WorkdirLock(str(tmp_path))
+        with pytest.raises(WorkdirBusyError, match=f"pid {holder.pid}"):
+            WorkdirLock(str(tmp_path))
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     finally:
         holder.kill()
-    checkpoints.WorkdirLock(str(tmp_path)).release()  # the kernel dropped the dead holder's lock
+    WorkdirLock(str(tmp_path)).release()  # the kernel dropped the dead holder's lock
 
 
 # Orbax's reads still in flight after the failed one used to print "Event loop is closed"
@@ -491,9 +491,9 @@ def test_the_other_processes_learn_that_process_0_failed_its_own_check(monkeypat
     with pytest.raises(data.MnistError, match=r"^process 0 could not download MNIST into /r; see its error$"):
         train_module.download_once("/r")
     workdir = str(tmp_path / "run")
-    with pytest.raises(checkpoints.WorkdirBusyError, match=rf"^process 0 found {workdir} in use by another trainer$"):
+    with pytest.raises(WorkdirBusyError, match=rf"^process 0 found {workdir} in use by another trainer$"):
         train(Config(workdir=workdir, steps=1, **TINY))
-    assert not os.path.exists(os.path.join(workdir, checkpoints.LOCK_FILE))  # the others never take the lock
+    assert not os.path.exists(os.path.join(workdir, LOCK_FILE))  # the others never take the lock
 
 
 def test_a_refusal_by_another_process_stops_this_one_too(monkeypatch, tmp_path):

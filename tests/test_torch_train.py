@@ -2,6 +2,8 @@
 
 import json
 import os
+import resource
+import signal
 
 import numpy as np
 import optax
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from ddpm_recipe import digits
+from ddpm_recipe.run_folder import WorkdirLock
 from unet_jax.step import learning_rate
 from unet_jax.train import Config
 from unet_torch import Unet
@@ -98,8 +101,26 @@ def test_torch_trainer_stops_on_non_finite_gradients_with_a_finite_loss(tmp_path
     with pytest.raises(SystemExit) as info:
         main(["--workdir", workdir, "--steps", "3", *TORCH_TINY])
     assert info.value.code.startswith("error: non-finite gradients and parameters at step 1 (loss ")
+    assert info.value.code.endswith("checkpoint.pt keeps the last good checkpoint, of step 1")
     assert "non-finite loss" not in info.value.code
     assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 1
+    fresh = str(tmp_path / "fresh")  # a run that fails before its first checkpoint names none
+    with pytest.raises(SystemExit, match=rf"^error: non-finite gradients and parameters at step 0 .*; stopping. "
+                                         rf"No checkpoint of the run in {fresh} was saved before it$"):
+        main(["--workdir", fresh, "--steps", "3", *TORCH_TINY])
+    assert not os.path.exists(os.path.join(fresh, "checkpoint.pt"))
+
+
+def test_torch_trainer_refuses_a_workdir_in_use_and_says_when_it_has_nothing_to_do(tmp_path, capsys):
+    workdir = str(tmp_path / "torch")
+    main(["--workdir", workdir, "--steps", "1", *TORCH_TINY])
+    with WorkdirLock(workdir):  # as a second trainer running there holds it
+        with pytest.raises(SystemExit, match=rf"^error: {workdir} is in use by another trainer \(pid {os.getpid()} "):
+            main(["--workdir", workdir, "--steps", "2", *TORCH_TINY])
+    assert torch.load(os.path.join(workdir, "checkpoint.pt"), weights_only=True)["step"] == 1
+    capsys.readouterr()
+    main(["--workdir", workdir, "--steps", "1", *TORCH_TINY])
+    assert f"{workdir} is already at step 1 (--steps 1); nothing to do" in capsys.readouterr().out
 
 
 def test_torch_trainer_leaves_a_jax_run_alone_and_adopts_its_own_older_runs(tmp_path, capsys):
@@ -138,7 +159,7 @@ def test_torch_trainer_says_in_one_line_what_it_cannot_use(tmp_path):
         main(["--workdir", str(broken), "--steps", "1", *TORCH_TINY])
 
 
-def test_torch_trainer_refuses_a_checkpoint_not_its_own_and_stops_on_a_failed_save(tmp_path, monkeypatch):
+def test_torch_trainer_refuses_a_checkpoint_not_its_own_and_stops_on_a_failed_save(tmp_path):
     workdir = tmp_path / "torch"
     workdir.mkdir()
     torch.save(Unet().state_dict(), workdir / "checkpoint.pt")  # a plain state_dict under the trainer's name
@@ -153,16 +174,20 @@ def test_torch_trainer_refuses_a_checkpoint_not_its_own_and_stops_on_a_failed_sa
     with pytest.raises(SystemExit, match=r"^error: .*checkpoint.pt does not fit this trainer's model and optimiser "):
         main(["--workdir", str(workdir), "--steps", "2", *TORCH_TINY])
     torch.save(saved, workdir / "checkpoint.pt")
-
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(SystemExit, match=r"^error: saving the checkpoint of step 2 to .*checkpoint.pt failed \(No space "
-                                         r"left on device\); stopping. The run resumes from its last saved checkpoint$"):
-        main(["--workdir", str(workdir), "--steps", "2", *TORCH_TINY])
-    monkeypatch.undo()
+    model_before = (workdir / "model.pt").read_bytes()
+    # A real failed write: files over 64 KiB cannot be written (the weights are 3.5 MB), as on a full disk.
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG, not a signal ending pytest
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+    try:
+        with pytest.raises(SystemExit, match=r"^error: saving step 2 to .*model.pt failed \(File too large\); "
+                                             r"stopping. The run resumes from its last saved checkpoint$"):
+            main(["--workdir", str(workdir), "--steps", "2", *TORCH_TINY])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
     assert torch.load(workdir / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert (workdir / "model.pt").read_bytes() == model_before and not list(workdir.glob("*.tmp"))  # whole, or none
 
 
 def test_torch_trainer_starts_from_a_ddp_state_dict_as_the_jax_trainer_does(tmp_path):

@@ -8,7 +8,6 @@ never overwritten: resuming it would silently splice two different runs together
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 import traceback
@@ -31,16 +30,11 @@ from unet_jax.layers import ConvPlan
 
 CONV_PLAN_FILE = "conv_plan.json"
 SET_ASIDE_DIR = "checkpoints.unreadable"  # outside CHECKPOINT_DIR, so Orbax never lists what is moved there
-LOCK_FILE = ".lock"
 
 
 class IncompatibleWorkdirError(RuntimeError):
     """The workdir holds another run (one with other settings, or the torch trainer's), or an
     unreadable record of its 3x3 conv lowerings."""
-
-
-class WorkdirBusyError(RuntimeError):
-    """Another trainer holds the workdir."""
 
 
 class NoReadableCheckpointError(RuntimeError):
@@ -83,42 +77,6 @@ def read_conv_plan(workdir: str) -> ConvPlan | None:
 
 def write_conv_plan(workdir: str, plan: ConvPlan) -> None:
     write_json(os.path.join(workdir, CONV_PLAN_FILE), plan.to_json())
-
-
-class WorkdirLock:
-    """An exclusive hold on a workdir for one trainer, released when the process ends, however it ends.
-
-    An advisory ``flock`` on ``WORKDIR/.lock``: the kernel drops it when the holder exits, so a
-    lock left by a killed run never blocks its resume. The file names the holder (pid, host).
-    """
-
-    def __init__(self, workdir: str):
-        import fcntl
-
-        self.path = os.path.join(workdir, LOCK_FILE)
-        self._file = open(self.path, "a+")
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._file.seek(0)
-            holder = self._file.read().strip() or "an unknown process"
-            self._file.close()
-            raise WorkdirBusyError(f"{workdir} is in use by another trainer ({holder}); wait for it to end or stop "
-                                   "it, or use another --workdir") from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        self._file.flush()
-
-    def release(self) -> None:
-        if not self._file.closed:
-            self._file.close()  # closing the file drops the flock
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
 
 
 def committed_steps(workdir: str) -> list[int]:

@@ -26,7 +26,9 @@ from ddpm_recipe.errors import first_line
 from ddpm_recipe.run_folder import (
     METRICS_FILE,
     RecordError,
+    WorkdirBusyError,
     WorkdirError,
+    WorkdirLock,
     make_writable_folders,
     read_record,
     recorded_identity,
@@ -137,12 +139,12 @@ def train(config: Config, *, adopt: bool = False) -> TrainState:
     lock, busy = None, None
     if primary:
         try:
-            lock = checkpoints.WorkdirLock(config.workdir)
-        except checkpoints.WorkdirBusyError as error:
+            lock = WorkdirLock(config.workdir)
+        except WorkdirBusyError as error:
             busy = error
     # Process 0 alone takes the lock; the others learn its outcome rather than wait at a barrier for it.
     if not devices.agree(busy is None):
-        raise busy or checkpoints.WorkdirBusyError(f"process 0 found {config.workdir} in use by another trainer")
+        raise busy or WorkdirBusyError(f"process 0 found {config.workdir} in use by another trainer")
     try:
         return _train(config, adopt, images, initial, (init_key, data_key, noise_key, sample_key))
     finally:
@@ -450,7 +452,7 @@ def download_once(root: str) -> None:
 
 
 # A user's mistake or a fault the run cannot go on from: one line, no traceback.
-USER_ERRORS = (data.MnistError, checkpoints.IncompatibleWorkdirError, checkpoints.WorkdirBusyError,
+USER_ERRORS = (data.MnistError, checkpoints.IncompatibleWorkdirError, WorkdirBusyError,
                checkpoints.NoReadableCheckpointError, devices.BatchSplitError, devices.RollCallError,
                FloatingPointError, WorkdirError, InitFromError, checkpoints.CheckpointSaveError, SettingsError,
                RecordError, PeerReadError, devices.ClusterError)

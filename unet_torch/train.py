@@ -8,6 +8,7 @@ the JAX trainer against. Writes ``WORKDIR/metrics.jsonl``, ``WORKDIR/checkpoint.
 DataLoader restarts its epoch) and ``WORKDIR/model.pt``, the EMA state_dict.
 """
 
+import io
 import json
 import math
 import os
@@ -29,7 +30,9 @@ from ddpm_recipe.run_folder import (
     TORCH_CHECKPOINT_FILE,
     TORCH_MODEL_FILE,
     RecordError,
+    WorkdirBusyError,
     WorkdirError,
+    WorkdirLock,
     identity_differences,
     make_writable_folders,
     read_record,
@@ -37,6 +40,7 @@ from ddpm_recipe.run_folder import (
     run_identity,
     save_grid,
     trim_metrics,
+    write_atomically,
     write_json,
 )
 from ddpm_recipe.schedule import Schedule, linear_schedule
@@ -180,7 +184,6 @@ def train(config: Config) -> dict:
     resuming = os.path.exists(checkpoint_path)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    schedule = linear_schedule(config.n_T)
     model = Unet()
     if config.init_from and not resuming:  # a resumed run's weights are its checkpoint's, wherever --init-from is now
         state_dict = strip_wrapper_prefix(load_state_dict(config.init_from))
@@ -200,28 +203,44 @@ def train(config: Config) -> dict:
     start = _restore(checkpoint_path, model, ema, optimizer, scheduler, generator) if resuming else 0
     # After --init-from is read: a bad file leaves no folder behind.
     make_writable_folders(config.workdir, os.path.join(config.workdir, "samples"))
-    _check_workdir(config, resuming=resuming, data_fingerprint=data_fingerprint)
-    if resuming:
-        print(f"resumed {config.workdir} from step {start}")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+    with WorkdirLock(config.workdir):  # as the JAX trainer: a second trainer on the workdir is refused
+        _check_workdir(config, resuming=resuming, data_fingerprint=data_fingerprint)
+        if resuming:
+            print(f"resumed {config.workdir} from step {start}")
+        trim_metrics(os.path.join(config.workdir, METRICS_FILE), start)  # rows past it are about to be redone
+        if start >= config.steps:
+            print(f"{config.workdir} is already at step {start} (--steps {config.steps}); nothing to do")
+        else:
+            _train_steps(config, (model, ema, optimizer, scheduler, generator), loader, start, saved=resuming)
+    return ema.state_dict()
 
-    metrics_path = os.path.join(config.workdir, METRICS_FILE)
-    trim_metrics(metrics_path, start)  # rows past the checkpoint belong to steps about to be redone
-    metrics = open(metrics_path, "a")
+
+def _train_steps(config, run, loader, start: int, *, saved: bool) -> None:
+    """Train from ``start`` to ``config.steps``, logging, checkpointing and sampling as the flags say.
+    ``saved``: the run has a checkpoint (of step ``start``)."""
+    model, ema, optimizer, scheduler, generator = run
+    schedule = linear_schedule(config.n_T)
+    checkpoint_path = os.path.join(config.workdir, TORCH_CHECKPOINT_FILE)
+    last_saved = start if saved else None
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+    metrics = open(os.path.join(config.workdir, METRICS_FILE), "a")
     bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
     step, window, t0 = start, [], time.perf_counter()
 
     def save():
-        try:
-            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "step": step, "generator": generator.get_state()},
-                       checkpoint_path + ".tmp")
-            os.replace(checkpoint_path + ".tmp", checkpoint_path)
-            torch.save(ema.state_dict(), os.path.join(config.workdir, TORCH_MODEL_FILE))
-        except OSError as error:  # the .tmp is written first: the checkpoint before stays whole
-            raise TorchRunError(f"saving the checkpoint of step {step} to {checkpoint_path} failed "
-                                f"({error.strerror or error}); stopping. The run resumes from its last saved "
-                                "checkpoint") from None
+        # Each file is made in memory and renamed into place whole. model.pt goes first: a run stopped
+        # between the two resumes from the checkpoint before and writes both again.
+        checkpoint = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "step": step, "generator": generator.get_state()}
+        for path, obj in ((os.path.join(config.workdir, TORCH_MODEL_FILE), ema.state_dict()),
+                          (checkpoint_path, checkpoint)):
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            try:
+                write_atomically(path, buffer.getvalue())
+            except OSError as error:
+                raise TorchRunError(f"saving step {step} to {path} failed ({error.strerror or error}); stopping. "
+                                    "The run resumes from its last saved checkpoint") from None
 
     while step < config.steps:
         for x0, _ in loader:
@@ -232,8 +251,9 @@ def train(config: Config) -> dict:
             value = loss.item()  # eager torch syncs every step anyway
             bad = (["loss"] if not math.isfinite(value) else []) + _not_finite(model)
             if bad:  # raised before any save: the last checkpoint stays the last good one
-                raise TorchRunError(f"non-finite {' and '.join(bad)} at step {step} (loss {value:.3g}); stopping. "
-                                    f"{checkpoint_path} keeps the last good checkpoint")
+                raise TorchRunError(f"non-finite {' and '.join(bad)} at step {step} (loss {value:.3g}); stopping. " + (
+                    f"{checkpoint_path} keeps the last good checkpoint, of step {last_saved}" if last_saved is not None
+                    else f"No checkpoint of the run in {config.workdir} was saved before it"))
             window.append(value)
             step += 1
             bar.update(1)
@@ -246,13 +266,13 @@ def train(config: Config) -> dict:
                 window, t0 = [], time.perf_counter()
             if due(config.ckpt_every, step, config.steps):
                 save()
+                last_saved = step
             if due(config.sample_every, step, config.steps):
                 _sample(config, ema, schedule, step)  # the end always samples, as on the JAX side
             if step == config.steps:
                 break
     bar.close()
     metrics.close()
-    return ema.state_dict()
 
 
 def _sample(config, ema, schedule, step: int):
@@ -276,7 +296,7 @@ def main(argv=None) -> None:
             digits.download(config.data)
         train(config)
     except (digits.MnistError, WeightsFileError, CheckpointMismatchError, TorchRunError, SettingsError,
-            WorkdirError, RecordError) as error:
+            WorkdirError, WorkdirBusyError, RecordError) as error:
         message = error.one_line() if isinstance(error, CheckpointMismatchError) else str(error)
         raise SystemExit(f"error: {message}") from None
 
