@@ -75,8 +75,9 @@ def _open_idx(raw: str, name: str) -> bytes:
                 raise MnistError(f"MNIST file {candidate} is corrupted ({error}); delete it and download again") from None
     raise MnistError(
         f"no MNIST at {raw}: expected {name} (or {name}.gz) there, the torchvision layout "
-        f"ROOT/MNIST/raw/. Get it with `python -m unet_jax.train --data ROOT --download` on a "
-        f"machine with network, or torchvision.datasets.MNIST(ROOT, download=True)."
+        f"ROOT/MNIST/raw/. Get it on a machine with network by adding --download to either trainer's "
+        f"command (`python -m unet_jax.train --data ROOT --download`, or `python -m unet_torch.train ...`), "
+        f"or with torchvision.datasets.MNIST(ROOT, download=True)."
     )
 
 

@@ -111,8 +111,11 @@ def test_torchvision_root_matches_torchvision_itself(mnist_root):
 
 
 def test_missing_root_says_how_to_get_mnist(tmp_path):
-    with pytest.raises(data.MnistError, match="--download"):
+    with pytest.raises(data.MnistError, match="--download") as info:
         data.load(str(tmp_path / "nowhere"), "train")
+    # Read by both trainers, so it names both (the torch one runs without JAX installed).
+    assert "python -m unet_jax.train --data ROOT --download" in str(info.value)
+    assert "python -m unet_torch.train" in str(info.value)
 
 
 def test_truncated_file_is_named(mnist_root):
