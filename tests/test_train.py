@@ -195,10 +195,23 @@ def test_a_resume_says_when_its_programs_differ_from_the_runs():
 
 def test_a_corrupt_conv_record_is_refused_in_one_line(tmp_path):
     workdir = tmp_path / "run"
-    workdir.mkdir()
+    train(Config(workdir=str(workdir), steps=2, ckpt_every=2, **TINY))
     (workdir / checkpoints.CONV_PLAN_FILE).write_text("{half a file")
     with pytest.raises(SystemExit, match=r"error: .*conv_plan.json is not a record of 3x3 conv lowerings .*--conv"):
-        main(["--workdir", str(workdir), "--steps", "1", *TINY_FLAGS[:-2]])
+        main(["--workdir", str(workdir), "--steps", "4", *TINY_FLAGS[:-2]])  # --conv auto resumes by the record
+
+
+def test_a_new_run_measures_its_lowerings_whatever_an_earlier_start_recorded(tmp_path, monkeypatch, capsys):
+    # A start killed before its first checkpoint, or one whose checkpoints were moved away, leaves a
+    # record that no run needs to match: auto measures for this machine and batch, as for any new run.
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    checkpoints.write_conv_plan(str(workdir), ConvPlan("xla"))
+    monkeypatch.setattr(autotune, "resolve", lambda conv, *args, **kwargs: ConvPlan("tapgrad") if conv == "auto"
+                        else pytest.fail(f"--conv {conv}"))
+    train(Config(workdir=str(workdir), steps=2, ckpt_every=0, **(TINY | {"conv": "auto"})))
+    assert "3x3 conv lowerings (autotuned for this machine): tapgrad" in capsys.readouterr().out
+    assert checkpoints.read_conv_plan(str(workdir)) == ConvPlan("tapgrad")
 
 
 def test_an_explicit_conv_resumes_past_a_damaged_record_of_the_lowerings(tmp_path, capsys):

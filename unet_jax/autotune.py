@@ -316,10 +316,10 @@ def agree_across_processes(plan: ConvPlan) -> ConvPlan:
     return ConvPlan("xla", tuple((k, names[int(c)]) for k, c in zip(keys, codes)))
 
 
-def add_conv_flag(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+def add_conv_flag(parser: argparse.ArgumentParser, default: str = "auto", *, more: str = "") -> None:
     parser.add_argument("--conv", choices=CHOICES, default=default,
-                        help="3x3 conv lowering: 'auto' times them on this machine once and caches the choice "
-                             "(default %(default)s)")
+                        help="3x3 conv lowering: 'auto' times them on this machine once and caches the choice"
+                             f"{more} (default %(default)s)")
 
 
 def main(argv=None) -> None:

@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = settings.build_parser("python -m unet_jax.train", DESCRIPTION)
     p.add_argument("--adopt", action="store_true",
                    help="the workdir's checkpoints lost their config.json: write it from these flags and resume")
-    autotune.add_conv_flag(p, d.conv)
+    autotune.add_conv_flag(p, d.conv, more="; a run resumed with 'auto' keeps the lowerings it recorded "
+                                            "(WORKDIR/conv_plan.json), so that it stays bit-identical")
     p.add_argument("--steps-per-dispatch", type=positive(int), default=d.steps_per_dispatch, metavar="K",
                    help="K train steps in one device program (default %(default)s): a loop, or K unrolled steps (K times the "
                         "compile) where a layer keeps XLA's own convolution")

@@ -169,7 +169,8 @@ def _train(config: Config, adopt: bool, images, initial, run_key_set) -> TrainSt
         raise
     start = int(devices.fetch(state.step))
     if start >= config.steps:
-        print(f"{config.workdir} is already at step {start} (--steps {config.steps}); nothing to do")
+        if primary:
+            print(f"{config.workdir} is already at step {start} (--steps {config.steps}); nothing to do")
         mgr.close()
         return state
 
@@ -319,7 +320,8 @@ def _restore(config: Config, mgr, fresh_state, init_key, mesh, recorded_program,
     if latest is None:
         state = jax.device_put(fresh_state(init_key), replicated)
     else:
-        print(f"resumed {config.workdir} from step {latest}")
+        if primary:
+            print(f"resumed {config.workdir} from step {latest}")
         changed = program_changes(recorded_program, program, latest, config.steps)
         if changed and primary:
             print(f"note: {', '.join(changed)}: the steps run in other device programs than before, so from here the "
@@ -392,10 +394,11 @@ def _is_lost_peer(error: Exception) -> bool:
 
 
 def _conv_plan(config: Config, mesh, *, resuming: bool) -> ConvPlan:
-    """The run's 3x3 conv lowerings: with --conv auto, those the workdir recorded, so that a resumed
-    run computes bit for bit what it would have; else measured (or cached) for this machine, and
-    a resume that changes them is told that its numbers will differ."""
-    recorded = checkpoints.read_conv_plan(config.workdir) if config.conv == "auto" else None
+    """The run's 3x3 conv lowerings: with --conv auto, those a resumed run recorded, so that it
+    computes bit for bit what it would have; else measured (or cached) for this machine, and a
+    resume that changes them is told that its numbers will differ. A new run (no checkpoint yet)
+    measures afresh whatever an earlier start recorded."""
+    recorded = checkpoints.read_conv_plan(config.workdir) if config.conv == "auto" and resuming else None
     if recorded is not None:
         plan, source = recorded, f"as recorded in {config.workdir}"
     else:
