@@ -67,7 +67,13 @@ def check_weights_file(path: str | os.PathLike) -> str:
         raise WeightsFileError(f"cannot read {path!r}: permission denied")
     if os.path.getsize(path) == 0:
         raise WeightsFileError(f"{path!r} is empty (0 bytes): save the state_dict again")
+    with open(path, "rb") as f:
+        if f.read(len(_GIT_LFS_POINTER)) == _GIT_LFS_POINTER:
+            raise WeightsFileError(f"{path!r} is a Git LFS pointer, not the weights: fetch them with `git lfs pull`")
     return path
+
+
+_GIT_LFS_POINTER = b"version https://git-lfs"  # what a clone without git-lfs holds in place of a large file
 
 
 def check_floating(state_dict: Mapping, what: str = "the state_dict") -> None:

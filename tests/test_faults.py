@@ -69,8 +69,11 @@ def weights(tmp_path_factory):
     torch.save({"payload": _Exploit(str(folder / "pwned"))}, folder / "pickle.pt")
     torch.save({k: v.to(torch.int8) for k, v in state_dict.items()}, folder / "int8.pt")
     (folder / "a_directory").mkdir()
+    (folder / "html.pt").write_text("<html><body>404 Not Found</body></html>")  # a failed download, saved
+    (folder / "lfs.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 3\n")
     return {name: str(folder / name) for name in ("good.pt", "truncated.pt", "empty.pt", "truncated.safetensors",
-                                                  "wrong_keys.pt", "pickle.pt", "int8.pt", "a_directory", "missing.pt")}
+                                                  "wrong_keys.pt", "pickle.pt", "int8.pt", "a_directory", "missing.pt",
+                                                  "html.pt", "lfs.safetensors")}
 
 
 class _Exploit:
@@ -356,7 +359,10 @@ def test_the_model_refuses_integer_images_and_timesteps_outside_0_1():
 
 BAD_FILES = {"missing.pt": "no weights file at", "a_directory": "is a directory, not a weights file",
              "empty.pt": "is empty (0 bytes)", "truncated.pt": "may be truncated",
-             "wrong_keys.pt": "does not match the tutorial's Unet", "pickle.pt": "refusing to load"}
+             "wrong_keys.pt": "does not match the tutorial's Unet", "pickle.pt": "refusing to load",
+             # Not pickled code: neither torch's advice to load it with weights_only=False nor "refusing".
+             "html.pt": "as a torch checkpoint: it is not a torch.save file",
+             "lfs.safetensors": "is a Git LFS pointer, not the weights: fetch them with `git lfs pull`"}
 
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
@@ -382,12 +388,13 @@ def test_parity_bad_weights_is_one_line(name, weights):
     assert weights[name] in message and "--weights" in message
 
 
-@pytest.mark.parametrize("name", ["missing.pt", "empty.pt", "truncated.pt", "wrong_keys.pt", "pickle.pt", "int8.pt"])
+@pytest.mark.parametrize("name", ["missing.pt", "empty.pt", "truncated.pt", "wrong_keys.pt", "pickle.pt", "int8.pt",
+                                  "html.pt", "lfs.safetensors"])
 def test_torch_trainer_init_from_a_bad_file_is_one_line(name, weights, tmp_path):
     from unet_torch.train import main as torch_main
 
     message = one_line_exit(torch_main, "--workdir", str(tmp_path / "t"), "--init-from", weights[name], "--steps", "1")
-    assert weights[name] in message
+    assert weights[name] in message and BAD_FILES.get(name, "") in message and "weights_only=False" not in message
 
 
 def test_torch_trainer_with_a_damaged_own_checkpoint_is_one_line(weights, tmp_path):

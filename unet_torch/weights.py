@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 
 import torch
@@ -28,10 +29,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if not _is_torch_save_file(path):  # no pickle at all: an HTML page, a text file, a renamed .safetensors
+            raise WeightsFileError(f"cannot read {path!r} as a torch checkpoint: it is not a torch.save file "
+                                   "(neither its zip format nor a pickle)") from None
         raise WeightsFileError(
             f"refusing to load {path!r}: it holds Python objects other than tensors, and loading "
             "them could run arbitrary code (torch.load with weights_only=True refused it). "
-            f"Save a plain state_dict (torch.save(model.state_dict(), path)). Details: {first_line(error)}"
+            f"Save a plain state_dict (torch.save(model.state_dict(), path)).{_refusal_reason(error)}"
         ) from None
     except Exception as error:  # torch.load fails on a damaged file with any of a dozen exception types
         raise WeightsFileError(f"cannot read {path!r} as a torch checkpoint ({type(error).__name__}: "
@@ -39,3 +43,21 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, Mapping):
         raise WeightsFileError(f"expected {path!r} to hold a state_dict (a dict of tensors), got {type(loaded).__name__}")
     return dict(loaded)
+
+
+def _is_torch_save_file(path: str) -> bool:
+    """torch.save's zip container, or its legacy format: a pickle of protocol 2 or later."""
+    with open(path, "rb") as f:
+        if zipfile.is_zipfile(f):
+            return True
+        f.seek(0)
+        return f.read(1) == b"\x80"
+
+
+def _refusal_reason(error: Exception) -> str:
+    """torch's reason for refusing the file (the global it met), without its advice to load it with
+    weights_only=False, which would run the code."""
+    for line in str(error).splitlines():
+        if "global" in line.lower() and "weights_only" not in line:
+            return " Details: " + line.strip().removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+    return ""
