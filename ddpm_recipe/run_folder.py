@@ -7,6 +7,7 @@ so each can tell the other's folder from its own.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -61,14 +62,33 @@ def make_writable_folders(workdir: str, *folders: str) -> None:
     """
     for folder in (workdir, *folders):
         try:
-            os.makedirs(folder, exist_ok=True)
-            probe = os.path.join(folder, f".write-test-{os.getpid()}")  # one per process: several may share it
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
+            _make_and_probe(folder)
         except OSError as error:
             reason = error.strerror or error
             raise WorkdirError(f"cannot write to {folder!r} (of --workdir {workdir}): {reason}") from None
+
+
+def check_writable(*paths: str) -> None:
+    """Make each path's folder and check that the path can be written there, before the work that
+    makes it; else an OSError whose ``filename`` is the path (its folder takes no file, or a folder
+    has its name)."""
+    for path in paths:
+        try:
+            _make_and_probe(os.path.dirname(os.path.abspath(path)))
+        except OSError as error:
+            raise OSError(error.errno, error.strerror or str(error), path) from None
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+
+
+def _make_and_probe(folder: str) -> None:
+    if os.path.exists(folder) and not os.path.isdir(folder):  # makedirs would say "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+    os.makedirs(folder, exist_ok=True)
+    probe = os.path.join(folder, f".write-test-{os.getpid()}")  # one per process: several may share it
+    with open(probe, "w") as f:
+        f.write("ok")
+    os.remove(probe)
 
 
 def file_fingerprint(path: str | None) -> str | None:

@@ -145,8 +145,10 @@ def test_evaluate_says_in_one_line_what_data_or_cache_it_cannot_use(classifier, 
     pt = str(tmp_path / "model.pt")
     export.export(trained, pt)
     (tmp_path / "model.eval.json").mkdir()  # where the report would go
-    with pytest.raises(SystemExit, match=r"^error: cannot write the report .*model.eval.json: "):
-        _evaluate(classifier, trained, "--torch-checkpoint", pt, "--n-T", "20")
+    with pytest.MonkeyPatch.context() as patch:  # found before the classifier is read and the samples drawn
+        patch.setattr(evaluate, "load_or_train_classifier", lambda *_: pytest.fail("the report is checked first"))
+        with pytest.raises(SystemExit, match=r"^error: cannot write the report .*model.eval.json: Is a directory$"):
+            _evaluate(classifier, trained, "--torch-checkpoint", pt, "--n-T", "20")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(SystemExit, match=r"^error: cannot write the classifier cache .*a-file/classifiers: "):

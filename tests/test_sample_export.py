@@ -60,9 +60,11 @@ def test_sample_refuses_flags_that_cannot_draw(flags, capsys):
 def test_sample_and_export_say_in_one_line_what_they_cannot_read_or_write(workdir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(SystemExit, match=r"^error: cannot write .*a-file/grid.png: "):
-        sample.main(["--workdir", workdir, "--num", "2", "--sample-steps", "2", "--conv", "xla",
-                     "--out", str(blocker / "grid")])
+    with pytest.MonkeyPatch.context() as patch:  # found before any image is drawn
+        patch.setattr(sample, "generate_on_local_devices", lambda *_, **__: pytest.fail("the output is checked first"))
+        with pytest.raises(SystemExit, match=r"^error: cannot write .*a-file/grid.png: Not a directory$"):
+            sample.main(["--workdir", workdir, "--num", "2", "--sample-steps", "2", "--conv", "xla",
+                         "--out", str(blocker / "grid")])
     for suffix in (".pt", ".safetensors"):
         with pytest.raises(SystemExit, match=rf"^error: cannot write .*a-file/model{suffix}: "):
             export.main(["--workdir", workdir, "--out", str(blocker / ("model" + suffix))])

@@ -25,7 +25,7 @@ import optax
 from flax import serialization
 
 from ddpm_recipe.errors import first_line
-from ddpm_recipe.run_folder import write_atomically, write_json
+from ddpm_recipe.run_folder import check_writable, write_atomically, write_json
 from ddpm_recipe.settings import SAMPLERS, ddim_eta, positive, seed
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.diffusion import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
@@ -253,6 +253,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {error}") from None
     if args.sampler == "ddim" and args.sample_steps > n_T:
         raise SystemExit(f"error: --sample-steps {args.sample_steps} exceeds n_T {n_T}")
+    if args.torch_checkpoint:  # beside the checkpoint: a workdir's own eval.json is never overwritten
+        prefix = os.path.splitext(args.torch_checkpoint)[0] + ".eval"
+    else:
+        prefix = os.path.join(args.workdir, "eval_raw" if args.raw else "eval")
+    try:  # before the classifier and the sampling, which would be lost
+        check_writable(prefix + ".json", prefix + "_samples.png")
+    except OSError as error:
+        raise SystemExit(f"error: cannot write the report {error.filename}: {error.strerror}") from None
     try:
         source = args.data or config.get("data", data.BUNDLED)
         classifier, held_out_accuracy, held_out = load_or_train_classifier(source, args.classifier_dir)
@@ -266,14 +274,9 @@ def main(argv=None) -> None:
     weights = "state_dict" if args.torch_checkpoint else ("raw" if args.raw else "ema")
     report |= {"classifier_accuracy": held_out_accuracy, "sampler": args.sampler, "steps": args.sample_steps if args.sampler == "ddim" else n_T,
                "eta": args.eta, "model": args.torch_checkpoint or args.workdir, "weights": weights}
-    if args.torch_checkpoint:  # beside the checkpoint: a workdir's own eval.json is never overwritten
-        prefix = os.path.splitext(args.torch_checkpoint)[0] + ".eval"
-    else:
-        prefix = os.path.join(args.workdir, "eval_raw" if args.raw else "eval")
     probs, _ = classify(classifier, samples[:100])
     path = prefix + ".json"
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         write_json(path, report)
         path = prefix + "_samples.png"
         save_labelled_grid(samples[:100], probs.argmax(1), probs.max(1), path)

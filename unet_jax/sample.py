@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_recipe.run_folder import save_grid, to_uint8  # noqa: F401 (part of this module's API)
+from ddpm_recipe.run_folder import check_writable, save_grid, to_uint8  # noqa: F401 (to_uint8: this module's API)
 from ddpm_recipe.schedule import linear_schedule
 from ddpm_recipe.settings import SAMPLERS, ddim_eta, positive, seed
 from unet_jax import autotune, checkpoints, devices
@@ -91,11 +91,15 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {error}") from None
     if args.sampler == "ddim" and args.sample_steps > config["n_T"]:
         raise SystemExit(f"error: --sample-steps {args.sample_steps} exceeds the run's n_T {config['n_T']}")
+    out = args.out or os.path.join(args.workdir, "samples", "final")
+    try:  # before the sampling, which would be lost
+        check_writable(out + ".png", out + ".npy")
+    except OSError as error:
+        raise SystemExit(f"error: cannot write {error.filename}: {error.strerror}") from None
     images = generate_on_local_devices(restored["params" if args.raw else "ema_params"], jax.random.key(args.seed),
                                        num=args.num, sampler=args.sampler, steps=args.sample_steps,
                                        n_T=config["n_T"], eta=args.eta, clip_x0=not args.no_clip_x0, conv=args.conv,
                                        dtype=config.get("dtype", "float32"))
-    out = args.out or os.path.join(args.workdir, "samples", "final")
     writes = {out + ".png": lambda path: save_grid(images, path), out + ".npy": lambda path: np.save(path, images)}
     for path, write in writes.items():
         try:
