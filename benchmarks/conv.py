@@ -11,12 +11,18 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-import torch
 
-from benchmarks.timing import time_repeats
-from ddpm_recipe.settings import positive
-from unet_jax import devices
-from unet_jax.layers import CONV_LOWERINGS
+from ddpm_recipe.weights import TorchNotInstalledError, import_torch
+
+try:
+    torch = import_torch("python -m benchmarks.conv (it times torch beside XLA)")
+except TorchNotInstalledError as error:
+    raise SystemExit(f"error: {error}") from None
+
+from benchmarks.timing import time_repeats  # noqa: E402
+from ddpm_recipe.settings import positive  # noqa: E402
+from unet_jax import devices  # noqa: E402
+from unet_jax.layers import CONV_LOWERINGS  # noqa: E402
 
 
 def xla_case(batch: int, size: int, channels: int, repeats: int, dtype: str, lowering: str = "xla") -> dict:

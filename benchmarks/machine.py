@@ -4,7 +4,6 @@ import platform
 import re
 
 import jax
-import torch
 
 from unet_jax import devices
 from unet_jax.autotune import cpu_flags, cpu_name, cpuinfo
@@ -13,16 +12,25 @@ from unet_jax.autotune import cpu_flags, cpu_name, cpuinfo
 def machine() -> dict:
     text = cpuinfo()
     info = {"cpu": cpu_name(text), "cores": devices.usable_cores(), "backend": jax.default_backend(),
-            "jax_devices": len(jax.devices()), "jax": jax.__version__, "torch": torch.__version__,
+            "jax_devices": len(jax.devices()), "jax": jax.__version__, "torch": _torch_version(),
             "python": platform.python_version(), "cpu_bfloat16": cpu_has_bfloat16(), "cpu_kind": cpu_vector_kind()}
     # A virtual machine may name its CPU only "AMD EPYC"; the x86 family and model tell its
     # generations apart (two of them, both AVX-512, differ twofold in matmul peak).
     family, model = (re.search(rf"^{field}\s*:\s*(\d+)$", text, re.M) for field in ("cpu family", "model"))
     if family and model:
         info["cpu_family"], info["cpu_model"] = int(family.group(1)), int(model.group(1))
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    if jax.default_backend() == "gpu":
+        info["gpu"] = jax.devices()[0].device_kind
     return info
+
+
+def _torch_version() -> str | None:
+    """torch's version (its build tag included), None without torch: benchmarks.scaling times the JAX trainer alone."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
 
 
 def cpu_has_bfloat16() -> bool:

@@ -30,6 +30,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class ScalingRunError(RuntimeError):
+    """One configuration's training run failed or ran past its time."""
+
+
 def train_throughput(processes: int, device_count: int, flags: list[str], timeout_s: int) -> list[float]:
     """images/s of each log window of one run (every process runs the same command)."""
     with tempfile.TemporaryDirectory() as workdir:
@@ -43,15 +47,19 @@ def train_throughput(processes: int, device_count: int, flags: list[str], timeou
             commands = [command]
         procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for c in commands]
+        what = f"the trainer in {processes} process(es) x {device_count} device(s)"
         try:
             errors = [p.communicate(timeout=timeout_s)[1] for p in procs]
+        except subprocess.TimeoutExpired:
+            raise ScalingRunError(f"{what} did not finish within --timeout {timeout_s} s") from None
         finally:
             for p in procs:
                 p.kill()
         failed = [(p.returncode, e) for p, e in zip(procs, errors) if p.returncode != 0]
         if failed:
-            raise RuntimeError(f"{processes} process(es) x {device_count} device(s) failed: rc {failed[0][0]}\n"
-                               f"{failed[0][1][-2000:]}")
+            rc, stderr = failed[0]
+            last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "no message")
+            raise ScalingRunError(f"{what} failed (rc {rc}): {last.strip()}")
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             return [json.loads(line)["images_per_s"] for line in f]
 
@@ -67,11 +75,17 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.steps < 2 * args.log_every:  # the first window holds the compile and is left out
         parser.error(f"--steps {args.steps} must cover at least two --log-every {args.log_every} windows")
+    most = max(processes * count for _, processes, count in CONFIGS)
+    if args.batch_size % most:
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of {most}, to split over every configuration")
     flags = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--log-every", str(args.log_every),
              "--sample-every", "0", "--ckpt-every", "0", "--num-samples", "8", "--sample-steps", "2"]
     rows = []
     for label, processes, device_count in CONFIGS:
-        windows = train_throughput(processes, device_count, flags, args.timeout)[1:]  # the first holds warm-up
+        try:
+            windows = train_throughput(processes, device_count, flags, args.timeout)[1:]  # the first holds warm-up
+        except ScalingRunError as error:  # the rows above stay printed
+            raise SystemExit(f"error: {error}") from None
         rows.append({"config": label, "processes": processes, "devices_per_process": device_count,
                      "images_per_s": statistics.median(windows), "min": min(windows), "max": max(windows)})
         print(f"{label:26} {rows[-1]['images_per_s']:7.1f} images/s", flush=True)

@@ -158,10 +158,20 @@ def test_the_benchmarks_refuse_bad_flags_in_one_line_before_measuring(tmp_path, 
             (bench.main, ["--repeats", "0"], "argument --repeats: expected a positive finite number, got 0"),
             (bench.main, ["--batches", "32", "0"], "argument --batches: expected a positive finite number, got 0"),
             (scaling.main, ["--steps", "20"], "--steps 20 must cover at least two --log-every 20 windows"),
+            (scaling.main, ["--batch-size", "12"], "--batch-size 12 must be a multiple of 8, to split over every"),
             (profile.main, ["--dispatches", "0"], "argument --dispatches: expected a positive finite number, got 0")):
         with pytest.raises(SystemExit) as info:
             main(flags)
         assert info.value.code == 2 and message in capsys.readouterr().err, flags
+
+
+def test_a_scaling_run_that_fails_is_named_in_one_line():
+    from benchmarks import scaling
+
+    # The trainer itself refuses the run: its own last line is quoted, not a traceback of the benchmark.
+    with pytest.raises(scaling.ScalingRunError, match=r"^the trainer in 1 process\(es\) x 4 device\(s\) failed "
+                                                      r"\(rc 1\): error: --batch-size 6 does not split evenly"):
+        scaling.train_throughput(1, 4, ["--batch-size", "6", "--steps", "2"], timeout_s=120)
 
 
 def test_results_that_cannot_be_written_end_in_one_line(tmp_path):

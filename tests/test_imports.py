@@ -97,3 +97,15 @@ with pytest.raises(SystemExit, match=r"^error: --init-from: .*w.pt' is a torch f
 """
     _loaded_after(code, hide_torch=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_without_torch_the_scaling_benchmark_runs_and_the_others_name_the_extra():
+    code = """
+import pytest
+import benchmarks.scaling  # times the JAX trainer alone
+from benchmarks.machine import machine
+assert machine()["torch"] is None
+with pytest.raises(SystemExit, match=r"^error: python -m benchmarks.conv .*needs torch, which is not installed"):
+    import benchmarks.conv
+"""
+    assert not _loaded_after(code, hide_torch=True) & set(TORCH_STACK)
