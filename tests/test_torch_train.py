@@ -111,6 +111,25 @@ def test_torch_trainer_stops_on_non_finite_gradients_with_a_finite_loss(tmp_path
     assert not os.path.exists(os.path.join(fresh, "checkpoint.pt"))
 
 
+def test_torch_trainer_stopped_while_drawing_its_last_grid_draws_it_on_resume(tmp_path, monkeypatch):
+    import unet_torch.train as torch_train
+
+    workdir = tmp_path / "torch"
+    flags = ["--workdir", str(workdir), "--steps", "2", "--ckpt-every", "1", *TORCH_TINY]
+
+    def stopped(*args):
+        raise KeyboardInterrupt  # Ctrl-C, or a kill, while the grid of the last step is drawn
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch_train, "_sample", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            main(flags)
+    assert torch.load(workdir / "checkpoint.pt", weights_only=True)["step"] == 1  # the grid comes first
+    main(flags)
+    assert (workdir / "samples" / "step_2.png").is_file()
+    assert torch.load(workdir / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 def test_torch_trainer_refuses_a_workdir_in_use_and_says_when_it_has_nothing_to_do(tmp_path, capsys):
     workdir = str(tmp_path / "torch")
     main(["--workdir", workdir, "--steps", "1", *TORCH_TINY])

@@ -213,10 +213,12 @@ def _train(config: Config, adopt: bool, images, initial, run_key_set) -> TrainSt
             if checkpoint or sample:  # never save, nor draw from, parameters that a non-finite step produced
                 metrics.write_pending()
                 _stop_if_nonfinite(devices.fetch(acc), saves)
-            if checkpoint:
-                saves.save(step, state)
+            # The grid before the checkpoint: a run stopped between the two redoes the steps since the
+            # checkpoint before, grid included, where the other order would leave a finished run without it.
             if sample:
                 _sample_and_plot(config, model, state, mesh, sample_key, step)
+            if checkpoint:
+                saves.save(step, state)
         saves.confirm()
     except (jax.errors.JaxRuntimeError, ValueError) as error:
         if jax.process_count() == 1 or not _is_lost_peer(error):

@@ -9,6 +9,7 @@ DataLoader restarts its epoch) and ``WORKDIR/model.pt``, the EMA state_dict.
 """
 
 import io
+import itertools
 import json
 import math
 import os
@@ -242,8 +243,9 @@ def _train_steps(config, run, loader, start: int, *, saved: bool) -> None:
                 raise TorchRunError(f"saving step {step} to {path} failed ({error.strerror or error}); stopping. "
                                     "The run resumes from its last saved checkpoint") from None
 
-    while step < config.steps:
-        for x0, _ in loader:
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch, each one reshuffled
+    try:
+        for x0, _ in batches:
             t_B = torch.randint(1, config.n_T + 1, (x0.shape[0],), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
             with autocast:
@@ -264,15 +266,16 @@ def _train_steps(config, run, loader, start: int, *, saved: bool) -> None:
                 metrics.flush()
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
                 window, t0 = [], time.perf_counter()
+            if due(config.sample_every, step, config.steps):  # the end always samples, as on the JAX side
+                _sample(config, ema, schedule, step)  # before the checkpoint, as there: a stop between is redone
             if due(config.ckpt_every, step, config.steps):
                 save()
                 last_saved = step
-            if due(config.sample_every, step, config.steps):
-                _sample(config, ema, schedule, step)  # the end always samples, as on the JAX side
             if step == config.steps:
                 break
-    bar.close()
-    metrics.close()
+    finally:
+        bar.close()
+        metrics.close()
 
 
 def _sample(config, ema, schedule, step: int):
