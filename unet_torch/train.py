@@ -182,29 +182,28 @@ def _not_finite(model) -> list[str]:
 def train(config: Config) -> dict:
     """Train ``config`` eagerly; returns the EMA state_dict."""
     checkpoint_path = os.path.join(config.workdir, TORCH_CHECKPOINT_FILE)
-    resuming = os.path.exists(checkpoint_path)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     model = Unet()
-    if config.init_from and not resuming:  # a resumed run's weights are its checkpoint's, wherever --init-from is now
-        state_dict = strip_wrapper_prefix(load_state_dict(config.init_from))
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as error:  # torch lists the missing, unexpected and misshapen keys
-            raise CheckpointMismatchError(f"--init-from {config.init_from} does not match the tutorial's Unet:\n"
-                                          + str(error).split(":", 1)[-1].strip()) from None
-        check_floating(state_dict, f"--init-from {config.init_from}")  # after the names: they say more
-    ema = Unet()
-    ema.load_state_dict(model.state_dict())
-    optimizer, scheduler = make_optimizer(model, config.lr, config.warmup_steps, config.decay_steps)
-    # The data and the run's own checkpoint are read (and the batch checked against the data)
-    # before the run is recorded: a refused --batch-size or --data, or a checkpoint.pt that is not
-    # this trainer's, must not leave a record that would refuse the corrected command.
+    # --init-from and the data are read (and the batch checked against the data) before anything is
+    # written: a bad file, a refused --batch-size or --data leaves no folder, and no record that would
+    # refuse the corrected command. A resumed run's weights are its checkpoint's, wherever --init-from is now.
+    init_read = bool(config.init_from) and not os.path.exists(checkpoint_path)
+    if init_read:
+        _load_init_from(config.init_from, model)
     loader, data_fingerprint = _loader(config, generator)  # draws from the generator only when iterated
-    start = _restore(checkpoint_path, model, ema, optimizer, scheduler, generator) if resuming else 0
-    # After --init-from is read: a bad file leaves no folder behind.
     make_writable_folders(config.workdir, os.path.join(config.workdir, "samples"))
     with WorkdirLock(config.workdir):  # as the JAX trainer: a second trainer on the workdir is refused
+        # Looked at under the lock: a trainer that held the workdir until now may have saved since.
+        resuming = os.path.exists(checkpoint_path)
+        if config.init_from and not resuming and not init_read:
+            _load_init_from(config.init_from, model)
+        ema = Unet()
+        ema.load_state_dict(model.state_dict())
+        optimizer, scheduler = make_optimizer(model, config.lr, config.warmup_steps, config.decay_steps)
+        # Before the run is recorded: a checkpoint.pt that is not this trainer's is refused, and the
+        # workdir left as it was.
+        start = _restore(checkpoint_path, model, ema, optimizer, scheduler, generator) if resuming else 0
         _check_workdir(config, resuming=resuming, data_fingerprint=data_fingerprint)
         if resuming:
             print(f"resumed {config.workdir} from step {start}")
@@ -214,6 +213,17 @@ def train(config: Config) -> dict:
         else:
             _train_steps(config, (model, ema, optimizer, scheduler, generator), loader, start, saved=resuming)
     return ema.state_dict()
+
+
+def _load_init_from(path: str, model) -> None:
+    """The --init-from weights into ``model``: the tutorial Unet's names and shapes, float tensors."""
+    state_dict = strip_wrapper_prefix(load_state_dict(path))
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:  # torch lists the missing, unexpected and misshapen keys
+        raise CheckpointMismatchError(f"--init-from {path} does not match the tutorial's Unet:\n"
+                                      + str(error).split(":", 1)[-1].strip()) from None
+    check_floating(state_dict, f"--init-from {path}")  # after the names: they say more
 
 
 def _train_steps(config, run, loader, start: int, *, saved: bool) -> None:
