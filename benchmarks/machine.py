@@ -5,6 +5,7 @@ import re
 
 import jax
 
+from ddpm_recipe.weights import TorchNotInstalledError, import_torch
 from unet_jax import devices
 from unet_jax.autotune import cpu_flags, cpu_name, cpuinfo
 
@@ -27,10 +28,9 @@ def machine() -> dict:
 def _torch_version() -> str | None:
     """torch's version (its build tag included), None without torch: benchmarks.scaling times the JAX trainer alone."""
     try:
-        import torch
-    except ImportError:
+        return import_torch("the benchmark's record of torch's version").__version__
+    except TorchNotInstalledError:
         return None
-    return torch.__version__
 
 
 def cpu_has_bfloat16() -> bool:

@@ -56,10 +56,10 @@ def train_throughput(processes: int, device_count: int, flags: list[str], timeou
             for p in procs:
                 p.kill()
         failed = [(p.returncode, e) for p, e in zip(procs, errors) if p.returncode != 0]
-        if failed:
+        if failed:  # the trainer's own one-line error where it gave one, else what it printed last (a bug's traceback)
             rc, stderr = failed[0]
-            last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "no message")
-            raise ScalingRunError(f"{what} failed (rc {rc}): {last.strip()}")
+            said = [line for line in stderr.splitlines() if line.startswith("error: ")]
+            raise ScalingRunError(f"{what} failed (rc {rc}): " + (said[-1] if said else "\n" + stderr[-3000:]))
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             return [json.loads(line)["images_per_s"] for line in f]
 

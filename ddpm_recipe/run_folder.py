@@ -3,7 +3,9 @@
 ``config.json`` records the settings that define the run (``settings.IDENTITY``);
 ``metrics.jsonl`` one row per log window; ``samples/step_N.png`` grids of digits. The JAX
 trainer keeps its checkpoints in ``checkpoints/``, the torch trainer in ``checkpoint.pt``,
-so each can tell the other's folder from its own.
+so each can tell the other's folder from its own; ``.lock`` is held by the trainer running in it.
+Also how every tool writes a file: checked writable before the work that makes it, then
+written whole or not at all.
 """
 
 import contextlib
@@ -70,8 +72,8 @@ def make_writable_folders(workdir: str, *folders: str) -> None:
 
 def check_writable(*paths: str) -> None:
     """Make each path's folder and check that the path can be written there, before the work that
-    makes it; else an OSError whose ``filename`` is the path (its folder takes no file, or a folder
-    has its name)."""
+    makes it; else an OSError whose ``filename`` is the path (its folder takes no file, a folder
+    has its name, or a file by its name is read-only)."""
     for path in paths:
         try:
             _make_and_probe(os.path.dirname(os.path.abspath(path)))
@@ -79,6 +81,8 @@ def check_writable(*paths: str) -> None:
             raise OSError(error.errno, error.strerror or str(error), path) from None
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
 
 def _make_and_probe(folder: str) -> None:
@@ -171,7 +175,10 @@ class WorkdirLock:
         import fcntl
 
         self.path = os.path.join(workdir, LOCK_FILE)
-        self._file = open(self.path, "a+")
+        try:
+            self._file = open(self.path, "a+")
+        except OSError as error:  # a folder by that name, or another user's file
+            raise WorkdirError(f"cannot open the workdir's lock file {self.path}: {error.strerror or error}") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -165,9 +165,10 @@ def test_the_benchmarks_refuse_bad_flags_in_one_line_before_measuring(tmp_path, 
         assert info.value.code == 2 and message in capsys.readouterr().err, flags
 
 
-def test_a_scaling_run_that_fails_is_named_in_one_line():
+def test_a_scaling_run_that_fails_is_named_in_one_line(monkeypatch):
     from benchmarks import scaling
 
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the 4 devices are simulated host devices, on any machine
     # The trainer itself refuses the run: its own last line is quoted, not a traceback of the benchmark.
     with pytest.raises(scaling.ScalingRunError, match=r"^the trainer in 1 process\(es\) x 4 device\(s\) failed "
                                                       r"\(rc 1\): error: --batch-size 6 does not split evenly"):

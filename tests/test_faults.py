@@ -144,6 +144,16 @@ def test_a_second_trainer_on_a_workdir_is_refused_naming_the_first(run_copy):
     assert checkpoints.committed_steps(run_copy) == [2, 4]
 
 
+def test_a_lock_file_that_cannot_be_opened_is_one_line_for_both_trainers(tmp_path):
+    from unet_torch.train import main as torch_main
+
+    for cli, flags in ((main, TINY_FLAGS), (torch_main, ["--batch-size", "8", "--n-T", "20", "--sample-steps", "3"])):
+        workdir = tmp_path / cli.__module__
+        (workdir / LOCK_FILE).mkdir(parents=True)  # a folder where the lock file goes
+        message = one_line_exit(cli, "--workdir", str(workdir), "--steps", "1", *flags)
+        assert message == f"error: cannot open the workdir's lock file {workdir / LOCK_FILE}: Is a directory"
+
+
 def test_the_lock_of_a_killed_trainer_does_not_block_its_resume(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ddpm_recipe.run_folder import WorkdirLock; "
                                "lock = WorkdirLock(sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(tmp_path)],

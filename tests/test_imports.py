@@ -99,7 +99,7 @@ with pytest.raises(SystemExit, match=r"^error: --init-from: .*w.pt' is a torch f
     assert not (tmp_path / "run").exists()
 
 
-def test_without_torch_the_scaling_benchmark_runs_and_the_others_name_the_extra():
+def test_without_torch_benchmarks_scaling_imports_and_records_no_version_and_benchmarks_conv_names_the_extra():
     code = """
 import pytest
 import benchmarks.scaling  # times the JAX trainer alone

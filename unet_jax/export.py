@@ -8,9 +8,8 @@ starts from, so that ``python -m unet_torch.train --init-from`` can start from t
 
 import argparse
 import io
-import os
 
-from ddpm_recipe.run_folder import write_atomically
+from ddpm_recipe.run_folder import check_writable, write_atomically
 from ddpm_recipe.settings import seed
 from ddpm_recipe.weights import TorchNotInstalledError, import_torch
 from unet_jax import checkpoints
@@ -55,7 +54,7 @@ def save_torch(params, out: str) -> None:
         torch.save(flax_to_torch({"params": params}), buffer)
         data = buffer.getvalue()
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        check_writable(out)
         write_atomically(out, data)
     except OSError as error:
         raise OutputError(f"cannot write {out}: {error.strerror or error}") from None

@@ -140,7 +140,7 @@ def train(config: Config, *, adopt: bool = False) -> TrainState:
     if primary:
         try:
             lock = WorkdirLock(config.workdir)
-        except WorkdirBusyError as error:
+        except (WorkdirBusyError, WorkdirError) as error:  # held by another trainer, or no lock file can be made
             busy = error
     # Process 0 alone takes the lock; the others learn its outcome rather than wait at a barrier for it.
     if not devices.agree(busy is None):

@@ -2,7 +2,6 @@
 
 import os
 import pickle
-import zipfile
 from collections.abc import Mapping
 
 import torch
@@ -29,13 +28,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if not _is_torch_save_file(path):  # no pickle at all: an HTML page, a text file, a renamed .safetensors
-            raise WeightsFileError(f"cannot read {path!r} as a torch checkpoint: it is not a torch.save file "
-                                   "(neither its zip format nor a pickle)") from None
+        reason = _refusal_reason(error)
+        if not reason:  # no Python object met: an HTML page, a text file, a renamed .safetensors
+            raise WeightsFileError(f"cannot read {path!r} as a torch checkpoint: it is not a torch.save file, "
+                                   "or a damaged one") from None
         raise WeightsFileError(
             f"refusing to load {path!r}: it holds Python objects other than tensors, and loading "
             "them could run arbitrary code (torch.load with weights_only=True refused it). "
-            f"Save a plain state_dict (torch.save(model.state_dict(), path)).{_refusal_reason(error)}"
+            f"Save a plain state_dict (torch.save(model.state_dict(), path)). Details: {reason}"
         ) from None
     except Exception as error:  # torch.load fails on a damaged file with any of a dozen exception types
         raise WeightsFileError(f"cannot read {path!r} as a torch checkpoint ({type(error).__name__}: "
@@ -45,19 +45,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(loaded)
 
 
-def _is_torch_save_file(path: str) -> bool:
-    """torch.save's zip container, or its legacy format: a pickle of protocol 2 or later."""
-    with open(path, "rb") as f:
-        if zipfile.is_zipfile(f):
-            return True
-        f.seek(0)
-        return f.read(1) == b"\x80"
-
-
 def _refusal_reason(error: Exception) -> str:
-    """torch's reason for refusing the file (the global it met), without its advice to load it with
-    weights_only=False, which would run the code."""
+    """torch's line naming the Python object (a "global") that it refused to load, without its advice
+    to load it with weights_only=False, which would run the code; "" where it met none (bytes that are
+    no pickle of objects at all)."""
     for line in str(error).splitlines():
         if "global" in line.lower() and "weights_only" not in line:
-            return " Details: " + line.strip().removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+            return line.strip().removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
     return ""
