@@ -155,6 +155,30 @@ def test_the_default_samplers_are_the_clipped_ones_and_match_numpy():
         assert np.max(np.abs(np.asarray(ddim) - unclipped)) > 1e-3, "the clipping was exercised"
 
 
+def test_generate_as_called_with_its_defaults_is_the_numpy_sampler_of_the_real_model():
+    # The sampler everyone calls (the README's quickstart, the CLIs, the trainer's grids): generate with
+    # its defaults, DDIM in 100 of T = 1000 steps at eta = 1 with x0 clipped, on the tutorial's Unet;
+    # and sampler="ddpm" at a small T. x_T and each step's noise come from generate's key as it documents.
+    from unet_jax.model import Unet, init_variables
+    from unet_jax.sample import generate
+
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), init_variables(jax.random.key(3))["params"])
+        model = Unet(conv="xla")
+        eps_fn = jax.jit(lambda x, t: model.apply({"params": params}, x, t))
+        key = jax.random.key(7)
+        start_key, loop_key = jax.random.split(key)
+        x_T = np.asarray(jax.random.normal(start_key, (2, 28, 28, 1), jnp.float64))
+        noise = _jax_noise(loop_key, x_T.shape)
+        ours = generate(params, key, model=model, num=2)
+        s = linear_schedule(1000)
+        reference = _numpy_ddim(x_T, s, eps_fn, noise, list(ddim_timesteps(1000, 100)[::-1]), 1.0, True)
+        np.testing.assert_allclose(ours, np.clip(reference, -1, 1), rtol=0, atol=1e-10)
+        ours = generate(params, key, model=model, num=2, sampler="ddpm", n_T=20)
+        reference = _numpy_ddpm(x_T, linear_schedule(20), eps_fn, noise, clip=True)
+        np.testing.assert_allclose(ours, np.clip(reference, -1, 1), rtol=0, atol=1e-10)
+
+
 def test_one_set_of_sampler_defaults():
     import argparse
     import inspect
