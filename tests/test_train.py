@@ -458,6 +458,37 @@ def test_config_identity_names_real_fields():
     assert set(IDENTITY) <= names
 
 
+def test_two_devices_average_their_gradients_into_the_whole_batchs():
+    # Adam is blind to a gradient's scale, so the runs on 1, 2 and 8 devices in tests/test_scaling.py
+    # would agree even if the devices summed their gradients; plain SGD (lr 1) shows the gradient itself.
+    code = """
+import jax, numpy as np, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ddpm_recipe.schedule import linear_schedule
+from unet_jax.model import Unet, init_variables
+from unet_jax.step import apply_update, create_state
+keys = jax.random.split(jax.random.key(0), 4)
+x0, noise = jax.random.uniform(keys[0], (4, 28, 28, 1), minval=-1, maxval=1), jax.random.normal(keys[1], (4, 28, 28, 1))
+t = jax.random.randint(keys[2], (4,), 1, 1001)
+tx = optax.sgd(1.0)
+state = create_state(init_variables(keys[3])["params"], tx)
+sharding = NamedSharding(jax.sharding.Mesh(jax.devices(), ("data",)), P("data"))
+whole, split = (jax.jit(lambda s, x, t, n, sharding=sharding: apply_update(s, x, t, n, model=Unet(conv="tapgrad"), tx=tx,
+                schedule=linear_schedule(), ema_decay=0.999, sharding=sharding))(state, x0, t, noise)
+                for sharding in (None, sharding))
+assert abs(float(split[1]["loss"]) / float(whole[1]["loss"]) - 1) < 1e-6, (split[1]["loss"], whole[1]["loss"])
+grads = [jax.tree.leaves(jax.tree.map(lambda a, b: np.asarray(a - b, np.float64), state.params, s.params))
+         for s in (whole[0], split[0])]
+norm = np.sqrt(sum(np.sum(g ** 2) for g in grads[0]))
+diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(*grads)))
+assert diff <= 1e-5 * norm, (diff, norm)  # float32 rounding: ~1e-7; summed over 2 devices: 1
+print("ok")
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_pmean_flat_equals_lax_pmean_on_two_devices_bit_for_bit():
     code = """
 import jax, jax.numpy as jnp, numpy as np
