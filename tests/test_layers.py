@@ -111,7 +111,10 @@ def test_max_pool_matches_flax_and_torch(size):
         np.testing.assert_array_equal(plain, expected)
         g_fast = jax.grad(lambda v: jnp.sum(jnp.sin(max_pool(v, 2, fast=True))))(jnp.asarray(x))
         g_plain = jax.grad(lambda v: jnp.sum(jnp.sin(max_pool(v, 2, fast=False))))(jnp.asarray(x))
-        np.testing.assert_allclose(g_fast, g_plain, rtol=0, atol=1e-15)
+        x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+        torch.sin(torch.nn.MaxPool2d(2)(x_torch)).sum().backward()
+        np.testing.assert_allclose(g_fast, x_torch.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-15)
+        np.testing.assert_allclose(g_plain, g_fast, rtol=0, atol=1e-15)
 
 
 def test_avg_pool_matches_flax_and_torch():

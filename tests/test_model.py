@@ -69,11 +69,13 @@ def test_fast_and_reference_layers_agree(variables):
 
 
 def test_bfloat16_compute_keeps_float32_params(variables):
-    x, t = _inputs()
+    # Timesteps across [0, 1], where the time embedding moves eps_hat by ~10 % of its largest value
+    # (measured 0.24 of 2.54); bfloat16 rounding measured 0.017. Bound: 2 % of the largest value.
+    x, t = _inputs()[0], jnp.array([0.05, 0.35, 0.7, 1.0])
     out = jax.jit(Unet(dtype=jnp.bfloat16).apply)(variables, x, t)
     assert out.dtype == jnp.bfloat16
     ref = jax.jit(Unet().apply)(variables, x, t)
-    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.1 * float(jnp.max(jnp.abs(ref))) + 0.05
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.02 * float(jnp.max(jnp.abs(ref)))
     # A bfloat16 model initialises float32 parameters (the trainer's bf16 runs rely on it).
     fresh = jax.eval_shape(lambda: init_variables(jax.random.key(1), dtype=jnp.bfloat16))
     assert {p.dtype for p in jax.tree.leaves(fresh)} == {jnp.dtype(jnp.float32)}
