@@ -97,8 +97,9 @@ def assert_same_training(reference, other):
     differently reorders float32 sums (~1e-7 relative in the gradients), and Adam, dividing
     each gradient by its running RMS, turns that into a visible share of an lr-sized step
     where a gradient is almost zero (conv biases before a GroupNorm); but a real difference
-    (a device's slice dropped or counted twice, gradients summed where they should be
-    averaged) moves the parameters by a share of their update of order one. Measured on 10
+    (a device's slice dropped or counted twice) moves the parameters by a share of their update
+    of order one. (Gradients summed where they should be averaged are not one: Adam divides out a
+    gradient's scale. tests/test_train.py checks the average itself, under plain SGD.) Measured on 10
     steps: 8 devices end 3 % of the update away from one device, 2 processes 5e-7; losses
     agree to 2e-5. Bounds: 10 % of the update, 1e-3 of the loss.
     """
