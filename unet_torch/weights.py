@@ -29,13 +29,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = _refusal_reason(error)
-        if not reason:  # no Python object met: an HTML page, a text file, a renamed .safetensors
+        if not reason and not _is_pickle(path):  # an HTML page, a text file, a renamed .safetensors
             raise WeightsFileError(f"cannot read {path!r} as a torch checkpoint: it is not a torch.save file, "
                                    "or a damaged one") from None
         raise WeightsFileError(
             f"refusing to load {path!r}: it holds Python objects other than tensors, and loading "
             "them could run arbitrary code (torch.load with weights_only=True refused it). "
-            f"Save a plain state_dict (torch.save(model.state_dict(), path)). Details: {reason}"
+            "Save a plain state_dict (torch.save(model.state_dict(), path))." + (f" Details: {reason}" if reason else "")
         ) from None
     except Exception as error:  # torch.load fails on a damaged file with any of a dozen exception types
         raise WeightsFileError(f"cannot read {path!r} as a torch checkpoint ({type(error).__name__}: "
@@ -53,3 +53,10 @@ def _refusal_reason(error: Exception) -> str:
         if "global" in line.lower() and "weights_only" not in line:
             return line.strip().removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
     return ""
+
+
+def _is_pickle(path: str) -> bool:
+    """A bare pickle of protocol 2 to 5 (what pickle.dump writes), whose objects torch may not name."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
