@@ -45,6 +45,22 @@ def keep_xla_flags(monkeypatch):
 
 
 @pytest.fixture
+def stop_in(monkeypatch):
+    """``stop_in(module, name, run)``: ``run()`` stopped as a Ctrl-C (or a kill) stops it when it calls
+    ``module.name``: KeyboardInterrupt there, which must reach the caller."""
+    def run_until(module, name: str, run) -> None:
+        def stopped(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, stopped)
+            with pytest.raises(KeyboardInterrupt):
+                run()
+
+    return run_until
+
+
+@pytest.fixture
 def warm_autotune_cache():
     """A function that writes an autotune cache holding ``train`` and ``sample`` plans (a lowering's
     name or a ConvPlan) for every toy batch per device (or ``batches``) and device count, as a second

@@ -111,19 +111,12 @@ def test_torch_trainer_stops_on_non_finite_gradients_with_a_finite_loss(tmp_path
     assert not os.path.exists(os.path.join(fresh, "checkpoint.pt"))
 
 
-def test_torch_trainer_stopped_while_drawing_its_last_grid_draws_it_on_resume(tmp_path, monkeypatch):
+def test_torch_trainer_stopped_while_drawing_its_last_grid_draws_it_on_resume(tmp_path, stop_in):
     import unet_torch.train as torch_train
 
     workdir = tmp_path / "torch"
     flags = ["--workdir", str(workdir), "--steps", "2", "--ckpt-every", "1", *TORCH_TINY]
-
-    def stopped(*args):
-        raise KeyboardInterrupt  # Ctrl-C, or a kill, while the grid of the last step is drawn
-
-    with monkeypatch.context() as patch:
-        patch.setattr(torch_train, "_sample", stopped)
-        with pytest.raises(KeyboardInterrupt):
-            main(flags)
+    stop_in(torch_train, "_sample", lambda: main(flags))  # while the grid of step 2 is drawn
     assert torch.load(workdir / "checkpoint.pt", weights_only=True)["step"] == 1  # the grid comes first
     main(flags)
     assert (workdir / "samples" / "step_2.png").is_file()

@@ -286,17 +286,10 @@ def test_a_non_finite_step_stops_the_run_before_it_draws_samples(tmp_path, monke
     assert drawn == []
 
 
-def test_a_run_stopped_while_drawing_its_last_grid_draws_it_on_resume(tmp_path, monkeypatch):
+def test_a_run_stopped_while_drawing_its_last_grid_draws_it_on_resume(tmp_path, stop_in):
     workdir = tmp_path / "run"
     config = Config(workdir=str(workdir), steps=4, ckpt_every=2, **(TINY | {"sample_every": 4}))
-
-    def stopped(*args):
-        raise KeyboardInterrupt  # Ctrl-C, or a kill, while the grid of the last step is drawn
-
-    with monkeypatch.context() as patch:
-        patch.setattr(train_module, "_sample_and_plot", stopped)
-        with pytest.raises(KeyboardInterrupt):
-            train(config)
+    stop_in(train_module, "_sample_and_plot", lambda: train(config))  # while the grid of step 4 is drawn
     assert checkpoints.committed_steps(str(workdir)) == [2]  # the last step's checkpoint comes after its grid
     train(config)  # resumes from step 2, and so draws the grid of step 4
     assert (workdir / "samples" / "step_4.png").is_file() and checkpoints.committed_steps(str(workdir))[-1] == 4
