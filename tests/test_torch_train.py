@@ -109,6 +109,11 @@ def test_torch_trainer_stops_on_non_finite_gradients_with_a_finite_loss(tmp_path
                                          rf"No checkpoint of the run in {fresh} was saved before it$"):
         main(["--workdir", fresh, "--steps", "3", *TORCH_TINY])
     assert not os.path.exists(os.path.join(fresh, "checkpoint.pt"))
+    monkeypatch.undo()  # a learning rate whose Adam step overflows float32 itself: torch raises rather than
+    huge = str(tmp_path / "huge")  # produce an infinity, which the trainer tells as what it is, in one line
+    with pytest.raises(SystemExit, match=r"^error: non-finite parameters at step 0: Adam's update overflowed "
+                                         r"float32 \(.*; is --lr 1e\+38 meant\?\); stopping. No checkpoint"):
+        main(["--workdir", huge, "--steps", "2", "--lr", "1e38", "--warmup-steps", "0", *TORCH_TINY])
 
 
 def test_torch_trainer_stopped_while_drawing_its_last_grid_draws_it_on_resume(tmp_path, stop_in):

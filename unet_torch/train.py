@@ -253,19 +253,30 @@ def _train_steps(config, run, loader, start: int, *, saved: bool) -> None:
                 raise TorchRunError(f"saving step {step} to {path} failed ({error.strerror or error}); stopping. "
                                     "The run resumes from its last saved checkpoint") from None
 
+    def kept_checkpoint() -> str:
+        return (f"{checkpoint_path} keeps the last good checkpoint, of step {last_saved}" if last_saved is not None
+                else f"No checkpoint of the run in {config.workdir} was saved before it")
+
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch, each one reshuffled
     try:
         for x0, _ in batches:
             t_B = torch.randint(1, config.n_T + 1, (x0.shape[0],), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
-            with autocast:
-                loss = apply_update(model, ema, optimizer, scheduler, schedule, x0, t_B, noise, step, config.ema_decay)
+            try:
+                with autocast:
+                    loss = apply_update(model, ema, optimizer, scheduler, schedule, x0, t_B, noise, step,
+                                        config.ema_decay)
+            except RuntimeError as error:  # Adam's step size (lr over its bias correction) past float32's range
+                if "overflow" not in str(error):
+                    raise
+                raise TorchRunError(f"non-finite parameters at step {step}: Adam's update overflowed float32 "
+                                    f"({first_line(error)}; is --lr {config.lr:g} meant?); stopping. "
+                                    + kept_checkpoint()) from None
             value = loss.item()  # eager torch syncs every step anyway
             bad = (["loss"] if not math.isfinite(value) else []) + _not_finite(model)
             if bad:  # raised before any save: the last checkpoint stays the last good one
-                raise TorchRunError(f"non-finite {' and '.join(bad)} at step {step} (loss {value:.3g}); stopping. " + (
-                    f"{checkpoint_path} keeps the last good checkpoint, of step {last_saved}" if last_saved is not None
-                    else f"No checkpoint of the run in {config.workdir} was saved before it"))
+                raise TorchRunError(f"non-finite {' and '.join(bad)} at step {step} (loss {value:.3g}); stopping. "
+                                    + kept_checkpoint())
             window.append(value)
             step += 1
             bar.update(1)
