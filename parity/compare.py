@@ -30,7 +30,7 @@ from unet_jax.model import Unet
 from unet_torch.weights import load_state_dict
 
 ACTIVATIONS = ("x_f", "d1", "d2", "d3", "latent", "temb", "u1", "u2", "u3", "u4", "eps_hat")
-# (activation max |diff|, gradient max |diff| / max |grad|)
+# (activations: max |diff| / max(1, max |ref|); gradients: ||diff|| / ||grad||)
 TOLERANCES = {"float32": (1e-5, 1e-4), "float64": (1e-12, 1e-10)}
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 POOL_TIE_MARGIN = {"float32": 1e-6, "float64": 0.0}

@@ -137,6 +137,13 @@ def test_a_diverging_run_names_what_was_not_finite_and_keeps_only_finite_checkpo
     assert f"The last complete checkpoint in {workdir} is step {steps[-1]}, and it is kept" in message
 
 
+def test_a_non_finite_step_ends_the_cli_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "to_model_range", lambda u8: u8.astype(jnp.float32) * jnp.nan)
+    message = one_line_exit(main, "--workdir", str(tmp_path / "run"), "--steps", "2", "--ckpt-every", "2", *TINY_FLAGS)
+    assert message.startswith("error: non-finite loss, gradients and parameters at step 0 (loss nan); stopping. "
+                              "No checkpoint of the run in "), message
+
+
 def test_a_second_trainer_on_a_workdir_is_refused_naming_the_first(run_copy):
     with WorkdirLock(run_copy):
         message = one_line_exit(main, "--workdir", run_copy, "--steps", "6", "--ckpt-every", "2", *TINY_FLAGS)
@@ -171,14 +178,23 @@ def test_the_lock_of_a_killed_trainer_does_not_block_its_resume(tmp_path):
 
 # Orbax's reads still in flight after the failed one used to print "Event loop is closed"
 # tracebacks amid the one-line warning; pytest reports such prints as this warning.
-@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
-def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before_and_is_set_aside(run_copy, capsys):
-    data_files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(run_copy, "checkpoints", "4"))
+def _truncate_its_data(step_dir):
+    data_files = [os.path.join(root, name) for root, _, names in os.walk(step_dir)
                   for name in names if "/d/" in os.path.join(root, name)]
-    assert data_files, "expected OCDBT data files under checkpoints/4"
+    assert data_files, f"expected OCDBT data files under {step_dir}"
     for path in data_files:
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
+
+
+def _remove_its_metadata(step_dir):  # as a copy or a sync that stopped short of the last file
+    os.remove(os.path.join(step_dir, "default", "_METADATA"))
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", [_truncate_its_data, _remove_its_metadata], ids=["truncated", "incomplete"])
+def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before_and_is_set_aside(damage, run_copy, capsys):
+    damage(os.path.join(run_copy, "checkpoints", "4"))
     state = train(Config(workdir=run_copy, steps=6, ckpt_every=2, **TINY))
     out = capsys.readouterr().out
     assert int(state.step) == 6
@@ -242,14 +258,22 @@ def _write_nothing(self, step, *args, **kwargs):
 @pytest.mark.parametrize("save,reason", [(_raise_no_space, "No space left on device"),
                                          (_write_nothing, "it never reached the disk")], ids=["raises", "silent"])
 def test_a_failed_save_stops_the_run_at_once_in_one_line(save, reason, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_module.ocp.CheckpointManager, "save", save)
+    real_save = train_module.ocp.CheckpointManager.save
+    monkeypatch.setattr(train_module.ocp.CheckpointManager, "save",  # step 2 saves, step 4's save fails
+                        lambda self, step, *args, **kwargs: (save if step == 4 else real_save)(self, step, *args, **kwargs))
     exits = []
     monkeypatch.setattr(train_module.os, "_exit", lambda code: exits.append(code) or sys.exit(code))
+    flags = ["--workdir", str(tmp_path / "run"), "--steps", "6", "--ckpt-every", "2", *TINY_FLAGS]
     with pytest.raises(SystemExit):
-        main(["--workdir", str(tmp_path / "run"), "--steps", "4", "--ckpt-every", "2", *TINY_FLAGS])
+        main(flags)
     err = capsys.readouterr().err
     assert exits == [1]
-    assert err.count("\n") == 1 and "saving the checkpoint of step 2" in err and reason in err, err
+    assert err.count("\n") == 1 and "saving the checkpoint of step 4" in err and reason in err, err
+    assert checkpoints.committed_steps(str(tmp_path / "run")) == [2]  # the last complete checkpoint is kept
+    monkeypatch.undo()
+    main(flags)  # and the same command resumes from it
+    assert f"resumed {tmp_path / 'run'} from step 2" in capsys.readouterr().out
+    assert checkpoints.committed_steps(str(tmp_path / "run"))[-1] == 6
 
 
 def test_a_torn_last_metrics_line_is_dropped_on_resume(run_copy, capsys):

@@ -205,8 +205,10 @@ def test_a_killed_process_stops_the_other_in_one_line(two_processes, killed):
         assert JAX_ABORT in kill["err"], kill["err"][-3000:]
         return
     assert kill["rc"] == 1, kill["err"][-3000:]
-    assert f"error: process {1 - killed} of 2 stopped at step" in kill["err"]
-    assert "run the same command on every process again to resume" in kill["err"]
+    (line,) = [line for line in kill["err"].splitlines() if line.startswith("error: ")]  # one line, amid JAX's logs
+    assert line.startswith(f"error: process {1 - killed} of 2 stopped at step"), line
+    assert f"The last complete checkpoint in {two_processes['workdir']} is step {kill['saved_step']}" in line, line
+    assert line.endswith("run the same command on every process again to resume from it."), line
 
 
 def test_a_run_that_lost_a_process_resumes_from_its_last_checkpoint(two_processes):

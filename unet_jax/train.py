@@ -267,7 +267,7 @@ def _programs(config: Config, model: Unet, tx, mesh, start: int, args: tuple) ->
 
 def _peer_lost(error: Exception, step: int, saves: checkpoints.ConfirmedSaves) -> PeerLostError:
     return PeerLostError(
-        f"process {jax.process_index()} of {jax.process_count()} stopped at step {step}: {first_line(error)}\n"
+        f"process {jax.process_index()} of {jax.process_count()} stopped at step {step}: {first_line(error).rstrip('.')}. "
         "A process that dies (killed, out of memory, preempted) shows up like this in the others. "
         f"The last complete checkpoint in {saves.workdir} is {saves.last_committed()}; run the same command "
         "on every process again to resume from it.")
