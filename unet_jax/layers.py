@@ -253,14 +253,19 @@ def _tap_products(a_BxHxWxA, b_BxHxWxC, size: int):
     a_GxAxNxHxW = padded.reshape(b // group, group, h + 2 * pad, w + 2 * pad, a_ch).transpose(0, 4, 1, 2, 3)
     b_GxNxC = b_BxHxWxC.reshape(b // group, group * h * w, c_ch)
 
+    # The running sum in float32 at least: a bfloat16 total, rounded once per pair, would lose more
+    # the larger the batch, where XLA's own convolution rounds once.
+    total_dtype = jnp.promote_types(b_BxHxWxC.dtype, jnp.float32)
+
     def group_products(i):
         a = lax.dynamic_index_in_dim(a_GxAxNxHxW, i, keepdims=False)
         taps = jnp.concatenate([a[:, :, r:r + h, c:c + w] for r in range(size) for c in range(size)], axis=0)
-        return jnp.dot(taps.reshape(size * size * a_ch, -1), lax.dynamic_index_in_dim(b_GxNxC, i, keepdims=False))
+        return jnp.dot(taps.reshape(size * size * a_ch, -1), lax.dynamic_index_in_dim(b_GxNxC, i, keepdims=False),
+                       preferred_element_type=total_dtype)
 
     total = lax.fori_loop(0, b // group, lambda i, total: total + group_products(i),
-                          jnp.zeros((size * size * a_ch, c_ch), b_BxHxWxC.dtype))
-    return total.reshape(size, size, a_ch, c_ch)
+                          jnp.zeros((size * size * a_ch, c_ch), total_dtype))
+    return total.astype(b_BxHxWxC.dtype).reshape(size, size, a_ch, c_ch)
 
 
 def _weight_gradient(x_BxHxWxI, dy_BxHxWxO, size: int):
