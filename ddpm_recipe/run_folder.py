@@ -148,7 +148,7 @@ def recorded_identity(saved: dict | None, identity: dict, *, resuming: bool) -> 
 def write_atomically(path: str, data: bytes | str) -> None:
     """Write ``path`` beside itself, then rename it into place: a crash never leaves half a file, and
     processes writing the same file (a shared cache) each rename a whole one of their own."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # hosts sharing a folder may reuse a pid
     try:
         with open(tmp, "w" if isinstance(data, str) else "wb") as f:
             f.write(data)

@@ -240,23 +240,57 @@ def test_a_batch_past_the_measured_one_is_timed_at_it_and_shares_its_cache_entry
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 99, "entries": {}}), json.dumps([1, 2]),
-                                     json.dumps({"version": 1, "entries": {"k": {"plan": {"default": "fft"}}}})])
+                                     json.dumps({"version": 1, "entries": {"k": {"plan": {"default": "fft"}}}}),
+                                     json.dumps({"version": autotune.CACHE_VERSION,
+                                                 "entries": {"k": {"plan": {"default": "xla"}, "ms": [1]}}})])
 def test_a_corrupt_or_foreign_cache_is_ignored_with_a_warning_and_rewritten(cache_dir, counted_measure, content):
     cache_dir.mkdir()
     (cache_dir / "conv_autotune.json").write_text(content)
-    with pytest.warns(UserWarning, match="ignoring the conv autotune cache .*; measuring again"):
+    with pytest.warns(UserWarning, match="ignoring the conv autotune cache .*; measuring again") as warned:
         assert autotune.autotune(4, "train", log=lambda *_: None) == FAKE_PLAN
+    assert len(warned) == 1  # said once, when it was first read
     assert len(counted_measure) == 1
     cache = json.loads((cache_dir / "conv_autotune.json").read_text())
     assert cache["version"] == autotune.CACHE_VERSION and len(cache["entries"]) == 1
 
 
-def test_an_unwritable_cache_warns_and_still_gives_the_plan(tmp_path, monkeypatch, counted_measure):
+def test_an_unwritable_cache_warns_and_still_gives_the_plan_and_its_timings(tmp_path, monkeypatch, counted_measure,
+                                                                             capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     monkeypatch.setenv("UNET_JAX_CACHE_DIR", str(blocker / "cache"))  # a folder under a file
     with pytest.warns(UserWarning, match="could not write the conv autotune cache"):
         assert autotune.autotune(4, "train", log=lambda *_: None) == FAKE_PLAN
+    with pytest.warns(UserWarning, match="could not write the conv autotune cache"):
+        autotune.main(["--batch", "4"])  # the table shows what was measured, not what the cache holds
+    assert "|  |  | 1.0 | 2.0 | im2col |" in capsys.readouterr().out
+
+
+def test_two_runs_that_measure_at_once_both_keep_their_entries(cache_dir, monkeypatch):
+    def measure_while_another_run_writes(batch, mode, mesh, log=print):
+        autotune._add_to_cache(autotune.cache_path(), "another run's key", {"plan": ConvPlan("xla").to_json(), "ms": {}})
+        return FAKE_PLAN, {}
+
+    monkeypatch.setattr(autotune, "measure", measure_while_another_run_writes)
+    autotune.autotune(4, "train", log=lambda *_: None)
+    entries = json.loads((cache_dir / "conv_autotune.json").read_text())["entries"]
+    assert len(entries) == 2 and "another run's key" in entries
+
+
+def test_the_cache_is_read_again_and_rewritten_under_a_lock(cache_dir):
+    import fcntl
+    import threading
+
+    cache_dir.mkdir()
+    path = autotune.cache_path()
+    with open(path + ".lock", "a") as held:  # another run, in the middle of its own rewrite
+        fcntl.flock(held, fcntl.LOCK_EX)
+        writer = threading.Thread(target=autotune._add_to_cache, args=(path, "key", {"plan": {"default": "xla"}}))
+        writer.start()
+        writer.join(timeout=0.5)
+        assert writer.is_alive() and not os.path.exists(path), "the cache was rewritten while another run held it"
+    writer.join(timeout=30)
+    assert not writer.is_alive() and "key" in json.loads(open(path).read())["entries"]
 
 
 def test_conv_flag_overrides_the_cache(cache_dir, counted_measure):

@@ -225,3 +225,4 @@ def test_one_process_resumes_a_two_process_checkpoint(two_processes):
     # The checkpoint layout does not depend on the device count.
     out = two_processes["one_process_out"]
     assert f"resumed {two_processes['workdir']} from step 40" in out and "training on 1 cpu device(s)" in out
+    assert "replaces the 3x3 conv lowerings" not in out  # the same plan, however many processes agreed on it

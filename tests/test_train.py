@@ -214,6 +214,16 @@ def test_resume_reuses_the_recorded_conv_lowerings(tmp_path, monkeypatch, capsys
     assert json.load(open(os.path.join(workdir, "config.json")))["program"]["log_every"] == 1
 
 
+def test_only_process_0_measures_the_lowerings_and_every_process_takes_its_plan(tmp_path, monkeypatch, capsys):
+    # Processes on one host timing side by side would skew process 0's timings, which are the ones kept.
+    monkeypatch.setattr(train_module.devices, "is_primary", lambda: False)
+    monkeypatch.setattr(autotune, "resolve", lambda *args, **kwargs: pytest.fail("a process other than 0 measured"))
+    monkeypatch.setattr(autotune, "agree_across_processes", lambda plan: ConvPlan("tapgrad"))  # process 0's, broadcast
+    config = Config(workdir=str(tmp_path), **(TINY | {"conv": "auto"}))
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    assert train_module._conv_plan(config, mesh, resuming=False) == ConvPlan("tapgrad")
+
+
 def test_a_resume_says_when_its_programs_differ_from_the_runs():
     def program(**changes):
         return {"log_every": 50, "ckpt_every": 500, "sample_every": 1000, "steps_per_dispatch": 5, "devices": 2,

@@ -15,6 +15,8 @@ GPUs and TPUs take XLA's own convolution without measuring: their libraries auto
 
 import argparse
 import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -236,8 +238,9 @@ def machine_key(batch: int, mode: str, device_count: int) -> str:
             f"| batch {batch} per device | {mode}")
 
 
-def _read_cache(path: str) -> dict:
-    """The cache's entries; a missing file is empty, an unreadable or foreign one is ignored with a warning."""
+def _read_cache(path: str, then: str | None = "measuring again") -> dict:
+    """The cache's entries; a missing file is empty, an unreadable or foreign one is ignored with a
+    warning that says what ``then`` happens (none where ``then`` is None)."""
     if not os.path.exists(path):
         return {}
     try:
@@ -245,11 +248,14 @@ def _read_cache(path: str) -> dict:
             cache = json.load(f)
         if not isinstance(cache, dict) or cache.get("version") != CACHE_VERSION or not isinstance(cache.get("entries"), dict):
             raise ValueError(f"not a version-{CACHE_VERSION} unet_jax conv autotune cache")
-        for entry in cache["entries"].values():  # every plan must load
+        for entry in cache["entries"].values():  # every plan must load, every table be one
             ConvPlan.from_json(entry["plan"])
+            if not isinstance(entry.get("ms", {}), dict):
+                raise ValueError("an entry's timings are not a table")
         return cache["entries"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        warnings.warn(f"ignoring the conv autotune cache {path} ({error}); measuring again", stacklevel=3)
+        if then is not None:
+            warnings.warn(f"ignoring the conv autotune cache {path} ({error}); {then}", stacklevel=3)
         return {}
 
 
@@ -259,6 +265,21 @@ def _write_cache(path: str, entries: dict) -> None:
         write_json(path, {"version": CACHE_VERSION, "entries": entries})
     except OSError as error:  # a read-only home must not stop a run: the plan is still used
         warnings.warn(f"could not write the conv autotune cache {path}: {error.strerror or error}", stacklevel=3)
+
+
+def _add_to_cache(path: str, key: str, entry: dict) -> None:
+    """``entry`` under ``key``, beside what other runs wrote meanwhile: the cache is read again and
+    rewritten under a lock, so that two runs that measured at once both keep their entries."""
+    with contextlib.ExitStack() as held:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            lock = held.enter_context(open(path + ".lock", "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        except OSError:
+            pass  # no lock where no file can be made: _write_cache says why it cannot write either
+        entries = _read_cache(path, then=None)  # an unreadable one was named when first read
+        entries[key] = entry
+        _write_cache(path, entries)
 
 
 def measured_batch(batch: int) -> int:
@@ -272,26 +293,32 @@ def autotune(batch: int, mode: str = "train", *, mesh=None, remeasure: bool = Fa
     ``mesh`` is the devices the run uses (default: every local device); the measured batch is
     ``measured_batch(batch)`` on each of them.
     """
+    plan, _, _ = autotune_with_timings(batch, mode, mesh=mesh, remeasure=remeasure, log=log)
+    return plan
+
+
+def autotune_with_timings(batch: int, mode: str = "train", *, mesh=None, remeasure: bool = False,
+                          log=print) -> tuple[ConvPlan, dict, bool]:
+    """``autotune``'s plan, the timings it was chosen by ({shape: {lowering: ms}}; none off the
+    CPU), and whether they came from the cache."""
     if mode not in MODES:
         raise ValueError(f"expected mode in {MODES}, got {mode!r}")
     if jax.default_backend() != "cpu":
-        return ConvPlan("xla")
+        return ConvPlan("xla"), {}, False
     mesh = mesh or jax.sharding.Mesh(jax.local_devices(), ("data",))
     count, timed = mesh.devices.size, measured_batch(batch)
     path, key = cache_path(), machine_key(timed, mode, count)
     entries = _read_cache(path)
     if key in entries and not remeasure:
-        return ConvPlan.from_json(entries[key]["plan"])
+        return ConvPlan.from_json(entries[key]["plan"]), entries[key].get("ms", {}), True
     standing_in = "" if timed == batch else f", standing in for {batch}"
     log(f"timing the 3x3 conv lowerings ({mode}, batch {timed} per device{standing_in} on {count} device(s)); "
         f"cached in {path}")
     start = time.perf_counter()
     plan, table = measure(timed * count, mode, mesh, log=log)
     log(f"  chose in {time.perf_counter() - start:.1f} s: {plan.describe()}")
-    entries = _read_cache(path) if os.path.exists(path) else {}  # another run may have written meanwhile
-    entries[key] = {"plan": plan.to_json(), "ms": table, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-    _write_cache(path, entries)
-    return plan
+    _add_to_cache(path, key, {"plan": plan.to_json(), "ms": table, "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return plan, table, False
 
 
 def resolve(conv: str, batch: int, mode: str = "train", *, mesh=None, log=print) -> ConvPlan:
@@ -312,8 +339,10 @@ def agree_across_processes(plan: ConvPlan) -> ConvPlan:
     keys = sorted(conv_layers())
     names = sorted(CONV_LOWERINGS)
     codes = np.array([names.index(plan.lowering(k)) for k in keys], np.int32)
-    codes = np.asarray(multihost_utils.broadcast_one_to_all(codes))
-    return ConvPlan("xla", tuple((k, names[int(c)]) for k, c in zip(keys, codes)))
+    chosen = [names[int(c)] for c in np.asarray(multihost_utils.broadcast_one_to_all(codes))]
+    if len(set(chosen)) == 1:  # one lowering everywhere: the plan that names it, as --conv NAME makes
+        return ConvPlan(chosen[0])
+    return ConvPlan("xla", tuple(zip(keys, chosen)))
 
 
 def add_conv_flag(parser: argparse.ArgumentParser, default: str = "auto", *, more: str = "") -> None:
@@ -334,10 +363,7 @@ def main(argv=None) -> None:
     mesh = devices.data_mesh(args.batch)
     per_device = args.batch // mesh.devices.size
     timed = measured_batch(per_device)
-    key = machine_key(timed, args.mode, mesh.devices.size)
-    cached = key in _read_cache(cache_path()) and not args.remeasure
-    plan = autotune(per_device, args.mode, mesh=mesh, remeasure=args.remeasure)
-    entry = _read_cache(cache_path()).get(key)
+    plan, table, cached = autotune_with_timings(per_device, args.mode, mesh=mesh, remeasure=args.remeasure)
     layers = conv_layers()
     timed_at = "" if timed == per_device else f" (timed at {timed})"
     print(f"\n3x3 conv lowerings on {jax.default_backend()}, {args.mode}, batch {per_device} per device{timed_at} on "
@@ -346,7 +372,7 @@ def main(argv=None) -> None:
     print("| layer shape | layers | " + " | ".join(names) + " | chosen |")
     print("|---|---|" + "---|" * len(names) + "---|")
     for key, paths in layers.items():
-        ms = (entry or {}).get("ms", {}).get(key, {})
+        ms = table.get(key, {})
         cells = [f"{ms[n]:.1f}" if n in ms else "" for n in names]
         print(f"| {key} | {', '.join(paths)} | " + " | ".join(cells) + f" | {plan.lowering(key)} |")
 

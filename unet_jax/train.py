@@ -408,7 +408,11 @@ def _conv_plan(config: Config, mesh, *, resuming: bool) -> ConvPlan:
         local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
         local_mesh = jax.sharding.Mesh(np.array(local), ("data",))
         log = print if devices.is_primary() else (lambda *_: None)
-        plan = autotune.resolve(config.conv, config.batch_size // mesh.devices.size, "train", mesh=local_mesh, log=log)
+        if config.conv == "auto" and not devices.is_primary():
+            plan = ConvPlan("xla")  # replaced by process 0's: timing here too would skew its timings on a shared host
+        else:
+            plan = autotune.resolve(config.conv, config.batch_size // mesh.devices.size, "train", mesh=local_mesh,
+                                    log=log)
         plan = autotune.agree_across_processes(plan)
         source = "autotuned for this machine" if config.conv == "auto" else "--conv"
         if replaced is not None and replaced != plan and devices.is_primary():
