@@ -7,8 +7,8 @@ gradients to ‖Δ‖ / ‖g‖, the difference's norm relative to the gradient'
 gradients span many orders of magnitude across layers.
 
 Max-pooling has a kink where two entries of a window tie. When the two largest entries
-of some window are closer than float32 rounding (``POOL_TIE_MARGIN``), torch and XLA may
-each pick a different winner from forward values that differ by 1e-7, and route that
+of some window are closer than ``POOL_TIE_MARGIN``, torch and XLA may each pick a different
+winner from forward values that differ by float32 rounding (a few 1e-6 by the pools), and route that
 window's gradient to different pixels: both are correct (sub)gradients. The gradients of
 the parameters before that pool (only those: the decoder's and the time embedding's never
 pass back through an encoder pool) are then reported as skipped, with the margin, rather
@@ -16,6 +16,7 @@ than compared, and never counted as passed; float64 resolves such windows identi
 is always compared.
 """
 
+import copy
 import dataclasses
 import functools
 
@@ -100,7 +101,7 @@ def upstream_of(pool: str, parameter_names) -> list[str]:
 
 
 def make_inputs(seed: int, batch: int, dtype: str):
-    """NCHW images, t in {1/n_T, ..., 1} with both ends always present, and target noise."""
+    """NCHW images, t in {1/n_T, ..., 1} with both ends present (t = 1/n_T alone at batch 1), and target noise."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, 1, 28, 28))
     steps = rng.integers(1, N_T + 1, size=batch)
@@ -149,7 +150,7 @@ def compare(model, *, seed: int = 0, batch: int = 8, dtype: str = "float32", fas
         raise ValueError("float64 parity needs jax_enable_x64: run under jax.enable_x64(True)")
     act_tol, grad_tol = TOLERANCES[dtype]
     x, t, noise = make_inputs(seed, batch, dtype)
-    model = model.to(TORCH_DTYPES[dtype])
+    model = copy.deepcopy(model).to(TORCH_DTYPES[dtype])  # the caller's model keeps its dtype and its .grad
     variables = torch_to_flax(model.state_dict())
 
     # torch: activations and gradients of mean((eps_hat - noise)^2)

@@ -2,6 +2,7 @@
 
 import jax
 import pytest
+import torch
 
 from parity.__main__ import main
 from parity.compare import ACTIVATIONS, TOLERANCES, build_torch_model, compare
@@ -105,3 +106,10 @@ def test_cli_takes_weights(tmp_path, capsys):
     compiled = {"_orig_mod." + k: v for k, v in build_torch_model(5, "float32").state_dict().items()}
     torch.save(compiled, tmp_path / "compiled.pt")
     assert main(["--weights", str(tmp_path / "compiled.pt"), "--batch", "2"]) == 0
+
+
+def test_compare_leaves_the_callers_model_as_it_was():
+    model = build_torch_model(1, "float32")
+    with jax.enable_x64(True):
+        compare(model, seed=1, batch=2, dtype="float64")
+    assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
