@@ -61,7 +61,7 @@ def run(args) -> dict:
             # The trainer's own program: Config().steps_per_dispatch steps per dispatch, all devices,
             # the 3x3 conv lowerings that --conv auto picks for this batch (measured or cached).
             mesh = devices.data_mesh(batch)
-            plan = autotune.resolve("auto", batch // mesh.devices.size, "train", mesh=mesh)
+            plan = autotune.resolve("auto", batch // mesh.devices.size, "train", mesh=mesh, dtype=dtype)
             print(f"3x3 conv lowerings, train, batch {batch}: {plan.describe()}", flush=True)
             common = dict(steps_per_repeat=steps)
             one = dict(common, direct_flops=jax_bench.direct_flops(images, batch, dtype))

@@ -30,7 +30,7 @@ def counted_measure(monkeypatch):
     """autotune.measure replaced by a fast one that counts its calls (the cache logic is under test)."""
     calls = []
 
-    def measure(batch, mode, mesh, log=print):
+    def measure(batch, mode, mesh, dtype="float32", log=print):
         calls.append((batch, mode))
         return FAKE_PLAN, {"28x28 64->64": {"im2col": 1.0, "xla": 2.0}}
 
@@ -224,7 +224,8 @@ def test_a_warm_cache_measures_nothing(cache_dir, counted_measure):
     assert len(counted_measure) == 1
     autotune.autotune(8, "train", log=lambda *_: None)  # another batch is another measurement
     autotune.autotune(4, "sample", log=lambda *_: None)  # and so is another mode
-    assert len(counted_measure) == 3
+    autotune.autotune(4, "train", dtype="bfloat16", log=lambda *_: None)  # and another compute dtype
+    assert len(counted_measure) == 4
 
 
 def test_a_batch_past_the_measured_one_is_timed_at_it_and_shares_its_cache_entry(cache_dir, counted_measure, capsys):
@@ -267,7 +268,7 @@ def test_an_unwritable_cache_warns_and_still_gives_the_plan_and_its_timings(tmp_
 
 
 def test_two_runs_that_measure_at_once_both_keep_their_entries(cache_dir, monkeypatch):
-    def measure_while_another_run_writes(batch, mode, mesh, log=print):
+    def measure_while_another_run_writes(batch, mode, mesh, dtype="float32", log=print):
         autotune._add_to_cache(autotune.cache_path(), "another run's key", {"plan": ConvPlan("xla").to_json(), "ms": {}})
         return FAKE_PLAN, {}
 
@@ -307,6 +308,15 @@ def test_the_cache_key_names_the_machine_and_the_measurement():
     assert f"jax {jax.__version__}" in key and "2 device(s)" in key and "batch 64 per device" in key
     assert "| cpu |" in key and "flags " in key
     assert autotune.machine_key(64, "sample", 2) != key and autotune.machine_key(32, "train", 2) != key
+    assert key.endswith("| float32") and autotune.machine_key(64, "train", 2, "bfloat16") != key
+
+
+def test_a_bfloat16_run_times_the_lowerings_in_bfloat16():
+    # The lowerings rank differently in bfloat16 (XLA:CPU converts its convolution's, not the matmuls').
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+    for mode, count in (("train", 3), ("sample", 2)):
+        arrays = autotune._inputs("7x7 128->128", 2, mode, mesh, "bfloat16")
+        assert len(arrays) == count and {a.dtype for a in arrays} == {jax.numpy.dtype("bfloat16")}
 
 
 def test_autotune_cli_prints_the_table(cache_dir, counted_measure, capsys):

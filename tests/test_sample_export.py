@@ -147,9 +147,12 @@ def test_sample_uses_the_runs_compute_dtype(workdir, tmp_path, monkeypatch):
     shutil.copytree(workdir, run)
     config = json.load(open(f"{run}/config.json"))
     json.dump(config | {"dtype": "bfloat16"}, open(f"{run}/config.json", "w"))
-    models = []
+    models, tuned_for = [], []
     monkeypatch.setattr(sample, "generate", lambda params, key, *, model, num, **kw: models.append(model)
                         or jnp.zeros((num, 28, 28, 1)))
+    monkeypatch.setattr(sample.autotune, "resolve", lambda conv, batch, mode, **kw: tuned_for.append(kw["dtype"])
+                        or sample.autotune.ConvPlan("xla"))
     for path, out in ((run, "g"), (workdir, "h")):
-        sample.main(["--workdir", path, "--num", "2", "--sample-steps", "3", "--out", str(tmp_path / out), "--conv", "xla"])
+        sample.main(["--workdir", path, "--num", "2", "--sample-steps", "3", "--out", str(tmp_path / out)])
     assert [m.dtype for m in models] == [jnp.bfloat16, jnp.float32]
+    assert tuned_for == ["bfloat16", "float32"]  # --conv auto times the lowerings in the run's dtype

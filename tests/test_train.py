@@ -224,6 +224,15 @@ def test_only_process_0_measures_the_lowerings_and_every_process_takes_its_plan(
     assert train_module._conv_plan(config, mesh, resuming=False) == ConvPlan("tapgrad")
 
 
+def test_the_lowerings_are_chosen_for_the_runs_compute_dtype(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(autotune, "resolve", lambda conv, batch, mode, **kwargs: asked.append(kwargs["dtype"])
+                        or ConvPlan("tapgrad"))
+    config = Config(workdir=str(tmp_path), **(TINY | {"conv": "auto", "dtype": "bfloat16"}))
+    train_module._conv_plan(config, jax.sharding.Mesh(jax.devices()[:1], ("data",)), resuming=False)
+    assert asked == ["bfloat16"]
+
+
 def test_a_resume_says_when_its_programs_differ_from_the_runs():
     def program(**changes):
         return {"log_every": 50, "ckpt_every": 500, "sample_every": 1000, "steps_per_dispatch": 5, "devices": 2,

@@ -8,7 +8,7 @@ layer that reads the image, as in the train step); for sampling, forward alone. 
 per shape makes a ``ConvPlan``.
 
 The plan is cached per machine (CPU model and flags, backend, JAX version, device count,
-per-device batch, mode) in ``$UNET_JAX_CACHE_DIR`` or ``~/.cache/unet_jax``: a warm cache
+per-device batch, mode, compute dtype) in ``$UNET_JAX_CACHE_DIR`` or ``~/.cache/unet_jax``: a warm cache
 measures nothing. A corrupt or foreign cache file is ignored with a warning and rewritten.
 GPUs and TPUs take XLA's own convolution without measuring: their libraries autotune already.
 """
@@ -26,10 +26,12 @@ import time
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ddpm_recipe.run_folder import write_json
+from ddpm_recipe.settings import DTYPES
 from unet_jax import devices
 from unet_jax.layers import CONV_LOWERINGS, ConvPlan
 from unet_jax.model import conv_layers, image_conv_shapes
@@ -37,7 +39,7 @@ from unet_jax.model import conv_layers, image_conv_shapes
 CHOICES = ("auto", *CONV_LOWERINGS)
 MODES = ("train", "sample")
 # Raised when the lowerings, the candidates or the rule that picks among them change: no cached plan outlives them.
-CACHE_VERSION = 10
+CACHE_VERSION = 11
 # The lowerings worth timing. Training: `winograd`'s autodiff runs the transposes of its strided
 # tile slices, so `winograd_tapgrad` (the same forward) is never slower. Sampling runs forward
 # alone, where `tapgrad` is `xla` and `winograd_tapgrad` is `winograd`.
@@ -74,8 +76,8 @@ def parse_shape(key: str) -> tuple[int, int, int, int]:
     return h, w, in_ch, out_ch
 
 
-def _inputs(key: str, batch: int, mode: str, mesh) -> tuple:
-    """Random (x, kernel[, dy]) for one layer shape, x and dy split over the mesh as a batch is."""
+def _inputs(key: str, batch: int, mode: str, mesh, dtype: str = "float32") -> tuple:
+    """Random (x, kernel[, dy]) in ``dtype`` for one layer shape, x and dy split over the mesh as a batch is."""
     h, w, in_ch, out_ch = parse_shape(key)
     rng = np.random.default_rng(0)
     batch_sharding, replicated = devices.batch_sharding(mesh), devices.replicated(mesh)
@@ -83,11 +85,11 @@ def _inputs(key: str, batch: int, mode: str, mesh) -> tuple:
     # One random image, repeated over the batch: a convolution's time does not depend on the
     # values, and drawing a large batch's worth took longer than timing it.
     def images(channels):
-        one = rng.standard_normal((1, h, w, channels), np.float32)
+        one = rng.standard_normal((1, h, w, channels)).astype(jnp.dtype(dtype))
         return jax.device_put(np.broadcast_to(one, (batch, h, w, channels)), batch_sharding)
 
     x = images(in_ch)
-    kernel = jax.device_put(0.05 * rng.standard_normal((3, 3, in_ch, out_ch), np.float32), replicated)
+    kernel = jax.device_put((0.05 * rng.standard_normal((3, 3, in_ch, out_ch))).astype(jnp.dtype(dtype)), replicated)
     if mode == "sample":
         return x, kernel
     return x, kernel, images(out_ch)
@@ -156,14 +158,14 @@ def _time_side_by_side(programs: dict, args: tuple, *, min_seconds: float = 0.2,
     return best
 
 
-def measure(batch: int, mode: str, mesh, *, log=print) -> tuple[ConvPlan, dict]:
+def measure(batch: int, mode: str, mesh, *, dtype: str = "float32", log=print) -> tuple[ConvPlan, dict]:
     """Time every candidate lowering on every layer shape; returns (the fastest per shape, {shape: {lowering: ms}}).
 
-    ``batch`` is the global batch, split over ``mesh``. The programs compile first, on every
-    core at once, so that no compile runs beside a timing.
+    ``batch`` is the global batch, split over ``mesh``; ``dtype`` the run's compute dtype. The
+    programs compile first, on every core at once, so that no compile runs beside a timing.
     """
     shapes, reads_image = list(conv_layers()), image_conv_shapes()
-    inputs = {key: _inputs(key, batch, mode, mesh) for key in shapes}
+    inputs = {key: _inputs(key, batch, mode, mesh, dtype) for key in shapes}
     jobs = [(key, lowering) for key in shapes for lowering in CANDIDATES[mode]]
 
     def compile_job(job):
@@ -229,13 +231,13 @@ def cpu_flags(text: str) -> set[str]:
     return set(found.group(1).split()) if found else set()
 
 
-def machine_key(batch: int, mode: str, device_count: int) -> str:
-    """What a measurement depends on: the CPU (model and flags), backend, JAX, devices, batch, mode."""
+def machine_key(batch: int, mode: str, device_count: int, dtype: str = "float32") -> str:
+    """What a measurement depends on: the CPU (model and flags), backend, JAX, devices, batch, mode, dtype."""
     text = cpuinfo()
     cpu = cpu_name(text)
     flag_hash = hashlib.sha256(" ".join(sorted(cpu_flags(text))).encode()).hexdigest()[:12]
     return (f"{cpu} (flags {flag_hash}) | {jax.default_backend()} | jax {jax.__version__} | {device_count} device(s) "
-            f"| batch {batch} per device | {mode}")
+            f"| batch {batch} per device | {mode} | {dtype}")
 
 
 def _read_cache(path: str, then: str | None = "measuring again") -> dict:
@@ -287,18 +289,19 @@ def measured_batch(batch: int) -> int:
     return min(batch, MAX_MEASURED_BATCH)
 
 
-def autotune(batch: int, mode: str = "train", *, mesh=None, remeasure: bool = False, log=print) -> ConvPlan:
-    """The fastest lowering per layer shape at ``batch`` per device: cached, or measured and cached.
+def autotune(batch: int, mode: str = "train", *, mesh=None, dtype: str = "float32", remeasure: bool = False,
+             log=print) -> ConvPlan:
+    """The fastest lowering per layer shape at ``batch`` per device in ``dtype``: cached, or measured and cached.
 
     ``mesh`` is the devices the run uses (default: every local device); the measured batch is
     ``measured_batch(batch)`` on each of them.
     """
-    plan, _, _ = autotune_with_timings(batch, mode, mesh=mesh, remeasure=remeasure, log=log)
+    plan, _, _ = autotune_with_timings(batch, mode, mesh=mesh, dtype=dtype, remeasure=remeasure, log=log)
     return plan
 
 
-def autotune_with_timings(batch: int, mode: str = "train", *, mesh=None, remeasure: bool = False,
-                          log=print) -> tuple[ConvPlan, dict, bool]:
+def autotune_with_timings(batch: int, mode: str = "train", *, mesh=None, dtype: str = "float32",
+                          remeasure: bool = False, log=print) -> tuple[ConvPlan, dict, bool]:
     """``autotune``'s plan, the timings it was chosen by ({shape: {lowering: ms}}; none off the
     CPU), and whether they came from the cache."""
     if mode not in MODES:
@@ -307,26 +310,27 @@ def autotune_with_timings(batch: int, mode: str = "train", *, mesh=None, remeasu
         return ConvPlan("xla"), {}, False
     mesh = mesh or jax.sharding.Mesh(jax.local_devices(), ("data",))
     count, timed = mesh.devices.size, measured_batch(batch)
-    path, key = cache_path(), machine_key(timed, mode, count)
+    path, key = cache_path(), machine_key(timed, mode, count, dtype)
     entries = _read_cache(path)
     if key in entries and not remeasure:
         return ConvPlan.from_json(entries[key]["plan"]), entries[key].get("ms", {}), True
     standing_in = "" if timed == batch else f", standing in for {batch}"
-    log(f"timing the 3x3 conv lowerings ({mode}, batch {timed} per device{standing_in} on {count} device(s)); "
+    log(f"timing the 3x3 conv lowerings ({mode}, {dtype}, batch {timed} per device{standing_in} on {count} device(s)); "
         f"cached in {path}")
     start = time.perf_counter()
-    plan, table = measure(timed * count, mode, mesh, log=log)
+    plan, table = measure(timed * count, mode, mesh, dtype=dtype, log=log)
     log(f"  chose in {time.perf_counter() - start:.1f} s: {plan.describe()}")
     _add_to_cache(path, key, {"plan": plan.to_json(), "ms": table, "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
     return plan, table, False
 
 
-def resolve(conv: str, batch: int, mode: str = "train", *, mesh=None, log=print) -> ConvPlan:
-    """``--conv``: 'auto' autotunes (or reads the cache); a lowering's name is used for every layer."""
+def resolve(conv: str, batch: int, mode: str = "train", *, mesh=None, dtype: str = "float32", log=print) -> ConvPlan:
+    """``--conv``: 'auto' autotunes (or reads the cache) in the run's compute ``dtype``; a lowering's
+    name is used for every layer."""
     if conv not in CHOICES:
         raise ValueError(f"expected --conv in {CHOICES}, got {conv!r}")
     if conv == "auto":
-        return autotune(batch, mode, mesh=mesh, log=log)
+        return autotune(batch, mode, mesh=mesh, dtype=dtype, log=log)
     return ConvPlan(conv)
 
 
@@ -355,6 +359,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet_jax.autotune", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32, help="the run's global batch (default %(default)s, the trainer's)")
     parser.add_argument("--mode", choices=MODES, default="train", help="train: forward and gradients; sample: forward")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the run's compute dtype (default %(default)s)")
     parser.add_argument("--remeasure", action="store_true", help="measure even if the cache has this machine")
     args = parser.parse_args(argv)
     if args.batch < 1:
@@ -363,10 +368,11 @@ def main(argv=None) -> None:
     mesh = devices.data_mesh(args.batch)
     per_device = args.batch // mesh.devices.size
     timed = measured_batch(per_device)
-    plan, table, cached = autotune_with_timings(per_device, args.mode, mesh=mesh, remeasure=args.remeasure)
+    plan, table, cached = autotune_with_timings(per_device, args.mode, mesh=mesh, dtype=args.dtype,
+                                                remeasure=args.remeasure)
     layers = conv_layers()
     timed_at = "" if timed == per_device else f" (timed at {timed})"
-    print(f"\n3x3 conv lowerings on {jax.default_backend()}, {args.mode}, batch {per_device} per device{timed_at} on "
+    print(f"\n3x3 conv lowerings on {jax.default_backend()}, {args.mode}, {args.dtype}, batch {per_device} per device{timed_at} on "
           f"{mesh.devices.size} device(s); ms per call{', from the cache' if cached else ''}:\n")
     names = CANDIDATES[args.mode]
     print("| layer shape | layers | " + " | ".join(names) + " | chosen |")

@@ -62,7 +62,7 @@ def generate_on_local_devices(params, key, *, num: int, conv: str = "auto", dtyp
     ``dtype`` is the compute dtype (a run's ``--dtype``), so that samples come from the model it trained.
     """
     mesh = devices.data_mesh(num)
-    plan = autotune.resolve(conv, num // mesh.devices.size, "sample", mesh=mesh)
+    plan = autotune.resolve(conv, num // mesh.devices.size, "sample", mesh=mesh, dtype=dtype)
     params = jax.device_put(params, devices.replicated(mesh))
     return np.asarray(generate(params, key, model=Unet(conv=plan, dtype=COMPUTE_DTYPES[dtype]), num=num, sharding=devices.batch_sharding(mesh),
                                **kwargs))

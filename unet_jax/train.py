@@ -412,7 +412,7 @@ def _conv_plan(config: Config, mesh, *, resuming: bool) -> ConvPlan:
             plan = ConvPlan("xla")  # replaced by process 0's: timing here too would skew its timings on a shared host
         else:
             plan = autotune.resolve(config.conv, config.batch_size // mesh.devices.size, "train", mesh=local_mesh,
-                                    log=log)
+                                    dtype=config.dtype, log=log)
         plan = autotune.agree_across_processes(plan)
         source = "autotuned for this machine" if config.conv == "auto" else "--conv"
         if replaced is not None and replaced != plan and devices.is_primary():
