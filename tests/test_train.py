@@ -336,17 +336,18 @@ def test_incompatible_workdir_is_refused_and_untouched(tmp_path):
     assert _params(workdir)["step"] == 2
 
 
-def test_the_same_digits_from_a_moved_data_folder_are_the_same_run(tmp_path):
-    class HasCheckpoints:
-        def latest_step(self):
-            return 500
-
-    checkpoints.write_config(str(tmp_path), {"data": "/old/mnist", "data_fingerprint": "d9527010a4dc7a1f", "lr": 0.002})
-    moved = {"data": "/new/mnist", "data_fingerprint": "d9527010a4dc7a1f", "lr": 0.002}
-    checkpoints.check_compatible(str(tmp_path), moved, HasCheckpoints())  # resumes
-    with pytest.raises(checkpoints.IncompatibleWorkdirError, match=r"data: the workdir has '/old/mnist'.*\n.*"
-                                                                  r"data_fingerprint: the workdir has 'd9527010a4dc7a1f'"):
-        checkpoints.check_compatible(str(tmp_path), moved | {"data_fingerprint": "0123456789abcdef"}, HasCheckpoints())
+def test_the_same_digits_from_a_moved_data_folder_are_the_same_run(tmp_path, write_mnist_root, write_idx):
+    old = write_mnist_root(tmp_path / "old")  # the bundled digits as a torchvision root: TINY's program again
+    workdir, record = str(tmp_path / "run"), lambda: json.load(open(os.path.join(tmp_path, "run", "config.json")))
+    train(Config(workdir=workdir, steps=2, ckpt_every=2, data=str(old), **TINY))
+    new = old.rename(tmp_path / "new")  # the same digits, elsewhere
+    train(Config(workdir=workdir, steps=4, ckpt_every=2, data=str(new), **TINY))
+    assert _params(workdir)["step"] == 4 and record()["data"] == str(new)
+    images = new / "MNIST" / "raw" / "train-images-idx3-ubyte"  # other digits in the same folder
+    write_idx(str(images), 255 - np.frombuffer(images.read_bytes()[16:], np.uint8).reshape(-1, 28, 28), 2051, False)
+    with pytest.raises(checkpoints.IncompatibleWorkdirError, match=r"data_fingerprint: the workdir has '[0-9a-f]{16}', "
+                                                                  r"this run asks for '[0-9a-f]{16}'"):
+        train(Config(workdir=workdir, steps=6, ckpt_every=2, data=str(new), **TINY))
 
 
 def test_the_same_weights_from_a_moved_file_are_the_same_run_and_other_weights_are_refused(tmp_path):
