@@ -259,18 +259,18 @@ def _write_nothing(self, step, *args, **kwargs):
                                          (_write_nothing, "it never reached the disk")], ids=["raises", "silent"])
 def test_a_failed_save_stops_the_run_at_once_in_one_line(save, reason, tmp_path, monkeypatch, capsys):
     real_save = train_module.ocp.CheckpointManager.save
-    monkeypatch.setattr(train_module.ocp.CheckpointManager, "save",  # step 2 saves, step 4's save fails
-                        lambda self, step, *args, **kwargs: (save if step == 4 else real_save)(self, step, *args, **kwargs))
     exits = []
-    monkeypatch.setattr(train_module.os, "_exit", lambda code: exits.append(code) or sys.exit(code))
     flags = ["--workdir", str(tmp_path / "run"), "--steps", "6", "--ckpt-every", "2", *TINY_FLAGS]
-    with pytest.raises(SystemExit):
-        main(flags)
+    with monkeypatch.context() as patch:  # not undo(): that would drop conftest's XLA_FLAGS guard too
+        patch.setattr(train_module.ocp.CheckpointManager, "save",  # step 2 saves, step 4's save fails
+                      lambda self, step, *args, **kwargs: (save if step == 4 else real_save)(self, step, *args, **kwargs))
+        patch.setattr(train_module.os, "_exit", lambda code: exits.append(code) or sys.exit(code))
+        with pytest.raises(SystemExit):
+            main(flags)
     err = capsys.readouterr().err
     assert exits == [1]
     assert err.count("\n") == 1 and "saving the checkpoint of step 4" in err and reason in err, err
     assert checkpoints.committed_steps(str(tmp_path / "run")) == [2]  # the last complete checkpoint is kept
-    monkeypatch.undo()
     main(flags)  # and the same command resumes from it
     assert f"resumed {tmp_path / 'run'} from step 2" in capsys.readouterr().out
     assert checkpoints.committed_steps(str(tmp_path / "run"))[-1] == 6

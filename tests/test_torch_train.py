@@ -97,6 +97,7 @@ def test_torch_trainer_stops_on_non_finite_gradients_with_a_finite_loss(tmp_path
 
     workdir = str(tmp_path / "torch")
     main(["--workdir", workdir, "--steps", "1", *TORCH_TINY])
+    real_loss = torch_train.noise_prediction_loss
     monkeypatch.setattr(torch_train, "noise_prediction_loss", finite_loss_nan_gradients)
     with pytest.raises(SystemExit) as info:
         main(["--workdir", workdir, "--steps", "3", *TORCH_TINY])
@@ -109,8 +110,10 @@ def test_torch_trainer_stops_on_non_finite_gradients_with_a_finite_loss(tmp_path
                                          rf"No checkpoint of the run in {fresh} was saved before it$"):
         main(["--workdir", fresh, "--steps", "3", *TORCH_TINY])
     assert not os.path.exists(os.path.join(fresh, "checkpoint.pt"))
-    monkeypatch.undo()  # a learning rate whose Adam step overflows float32 itself: torch raises rather than
-    huge = str(tmp_path / "huge")  # produce an infinity, which the trainer tells as what it is, in one line
+    monkeypatch.setattr(torch_train, "noise_prediction_loss", real_loss)
+    # A learning rate whose Adam step overflows float32 itself: torch raises rather than produce an
+    # infinity, which the trainer tells as what it is, in one line.
+    huge = str(tmp_path / "huge")
     with pytest.raises(SystemExit, match=r"^error: non-finite parameters at step 0: Adam's update overflowed "
                                          r"float32 \(.*; is --lr 1e\+38 meant\?\); stopping. No checkpoint"):
         main(["--workdir", huge, "--steps", "2", "--lr", "1e38", "--warmup-steps", "0", *TORCH_TINY])

@@ -115,9 +115,10 @@ def test_the_trainer_trains_on_the_batches_timesteps_and_noise_its_docstring_pro
     # The trainer's program (shard_map over the run's devices, the metrics folded in) rounds float32
     # sums in another order, which Adam turns into a visible share of an lr-sized step where a gradient
     # is ~0 (as across device counts, tests/test_scaling.py): measured 2.7 % of the update after 10
-    # steps, the window losses 2e-5 apart. The same noise at every step (fold_in of the step dropped)
-    # measured 88 % of the update and losses 0.4 to 2.5 % apart. Bounds: 10 % of the update, 1e-4.
-    np.testing.assert_allclose(logged, [np.mean(losses[:4]), np.mean(losses[4:8]), np.mean(losses[8:])], rtol=1e-4)
+    # steps, the window losses 2e-5 apart (5e-5 on one core). The same noise at every step (fold_in of
+    # the step dropped) measured 88 % of the update and losses 0.4 to 2.5 % apart. Bounds: 10 % of
+    # the update, 1e-3 of the loss (as tests/test_scaling.py's).
+    np.testing.assert_allclose(logged, [np.mean(losses[:4]), np.mean(losses[4:8]), np.mean(losses[8:])], rtol=1e-3)
     initial = jax.tree.leaves(init_variables(init_key)["params"])
     for key in ("params", "ema_params"):
         ours, reference = jax.tree.leaves(getattr(trained, key)), jax.tree.leaves(getattr(state, key))
@@ -489,7 +490,7 @@ sharding = NamedSharding(jax.sharding.Mesh(jax.devices(), ("data",)), P("data"))
 whole, split = (jax.jit(lambda s, x, t, n, sharding=sharding: apply_update(s, x, t, n, model=Unet(conv="tapgrad"), tx=tx,
                 schedule=linear_schedule(), ema_decay=0.999, sharding=sharding))(state, x0, t, noise)
                 for sharding in (None, sharding))
-assert abs(float(split[1]["loss"]) / float(whole[1]["loss"]) - 1) < 1e-6, (split[1]["loss"], whole[1]["loss"])
+assert abs(float(split[1]["loss"]) / float(whole[1]["loss"]) - 1) < 1e-5, (split[1]["loss"], whole[1]["loss"])
 grads = [jax.tree.leaves(jax.tree.map(lambda a, b: np.asarray(a - b, np.float64), state.params, s.params))
          for s in (whole[0], split[0])]
 norm = np.sqrt(sum(np.sum(g ** 2) for g in grads[0]))
