@@ -1,7 +1,8 @@
 """What can be wrong with a weights file or a state_dict, said the same way by every tool.
 
-The readers live with their framework (``unet_torch.weights`` for ``.pt``, ``parity.port``
-for ``.safetensors`` without torch); the errors and the checks that need neither live here.
+The readers live with their framework (``unet_torch.weights`` reads ``.pt`` and ``.safetensors``
+as torch tensors, ``parity.port`` reads ``.safetensors`` as NumPy arrays without torch); the
+errors, their wording and the checks that need neither framework live here.
 """
 
 import os
@@ -54,6 +55,19 @@ class CheckpointMismatchError(ValueError):
 
 class WeightsFileError(ValueError):
     """A weights file that cannot be read as a state_dict: missing, not a file, truncated, refused."""
+
+
+def unreadable_safetensors(path: str, error: Exception) -> WeightsFileError:
+    """What either reader says of a ``.safetensors`` file that safetensors cannot read."""
+    return WeightsFileError(f"cannot read {path!r} as safetensors ({error}); it may be truncated: save or copy it again")
+
+
+def flag_error(flag: str, path: str, error: WeightsFileError | CheckpointMismatchError) -> str:
+    """A CLI's one line for the weights file given as ``flag``: a file error names the file itself;
+    a mismatch names it here, with its first problem."""
+    if isinstance(error, CheckpointMismatchError):
+        return f"{flag} {path}: {error.one_line()}"
+    return f"{flag}: {error}"
 
 
 def check_weights_file(path: str | os.PathLike) -> str:

@@ -11,8 +11,13 @@ import sys
 import jax
 
 from ddpm_recipe.settings import positive, seed
-from ddpm_recipe.weights import TorchNotInstalledError, import_torch
-from parity.port import CheckpointMismatchError, WeightsFileError
+from ddpm_recipe.weights import (
+    CheckpointMismatchError,
+    TorchNotInstalledError,
+    WeightsFileError,
+    flag_error,
+    import_torch,
+)
 from unet_jax.layers import CONV_LOWERINGS
 
 
@@ -35,10 +40,8 @@ def main(argv=None) -> int:
     with jax.enable_x64(args.dtype == "float64"):
         try:
             model = build_torch_model(args.seed, args.dtype, args.weights)
-        except WeightsFileError as error:
-            raise SystemExit(f"error: --weights: {error}") from None
-        except CheckpointMismatchError as error:
-            raise SystemExit(f"error: --weights {args.weights}: {error.one_line()}") from None
+        except (WeightsFileError, CheckpointMismatchError) as error:
+            raise SystemExit(f"error: {flag_error('--weights', args.weights, error)}") from None
         rows = compare(model, seed=args.seed, batch=args.batch, dtype=args.dtype, fast=not args.reference_layers,
                        conv=args.conv)
     print(f"parity: torch reference vs Flax port, {args.dtype}, batch {args.batch}, seed {args.seed}, "

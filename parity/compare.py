@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from ddpm_recipe.schedule import N_T
 from parity.port import CheckpointMismatchError, check_floating, flax_to_torch, strip_wrapper_prefix, torch_to_flax
-from unet_jax.diffusion import N_T
 from unet_jax.model import Unet
 from unet_torch.weights import load_state_dict
 

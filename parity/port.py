@@ -25,6 +25,7 @@ from ddpm_recipe.weights import (  # noqa: F401 (parity's API)
     check_weights_file,
     import_torch,
     strip_wrapper_prefix,
+    unreadable_safetensors,
 )
 from unet_jax.model import init_variables
 
@@ -143,8 +144,7 @@ def read_weights(path: str | os.PathLike) -> dict:
         try:
             return {k: np.asarray(v) for k, v in load_file(path).items()}
         except SafetensorError as error:
-            raise WeightsFileError(f"cannot read {path!r} as safetensors ({error}); it may be truncated: "
-                                   "save or copy it again") from None
+            raise unreadable_safetensors(path, error) from None
     try:
         from unet_torch.weights import load_state_dict
     except ImportError:

@@ -183,15 +183,16 @@ def test_one_set_of_sampler_defaults():
     import argparse
     import inspect
 
-    from unet_jax import diffusion, evaluate, sample
+    from ddpm_recipe import schedule
+    from unet_jax import evaluate, sample
     from unet_jax.train import Config
     from unet_torch import diffusion as torch_diffusion
 
     def defaults(fn):
         return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
 
-    expected = {"sampler": diffusion.DEFAULT_SAMPLER, "steps": diffusion.DEFAULT_SAMPLE_STEPS,
-                "eta": diffusion.DEFAULT_ETA, "clip_x0": diffusion.DEFAULT_CLIP_X0}
+    expected = {"sampler": schedule.DEFAULT_SAMPLER, "steps": schedule.DEFAULT_SAMPLE_STEPS,
+                "eta": schedule.DEFAULT_ETA, "clip_x0": schedule.DEFAULT_CLIP_X0}
     assert expected == {"sampler": "ddim", "steps": 100, "eta": 1.0, "clip_x0": True}
     assert {k: defaults(sample.generate.__wrapped__)[k] for k in expected} == expected
     assert {k: defaults(ddim_sample)[k] for k in ("steps", "eta", "clip_x0")} == {k: expected[k] for k in ("steps", "eta", "clip_x0")}

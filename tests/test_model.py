@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddpm_recipe.schedule import N_T
 from unet_jax import Decoder, Encoder, Unet, init_variables
-from unet_jax.diffusion import N_T
 
 
 @pytest.fixture(scope="module")

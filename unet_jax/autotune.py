@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ddpm_recipe.run_folder import write_json
-from ddpm_recipe.settings import DTYPES
+from ddpm_recipe.settings import DTYPES, positive
 from unet_jax import devices
 from unet_jax.layers import CONV_LOWERINGS, ConvPlan
 from unet_jax.model import conv_layers, image_conv_shapes
@@ -48,7 +48,7 @@ CANDIDATES = {
     "sample": ("winograd", "im2col", "xla"),
 }
 # A candidate that takes this many times the fastest in the first round is not timed further:
-# loose enough that one slow call (half again as long has been seen) does not drop the best.
+# loose enough that one call slowed by the shared machine's load does not drop the best.
 CUTOFF = 2.0
 # The fewest rounds, whatever a call takes: with fewer, one round's outlier (a burst of load, the
 # page faults a slower candidate left behind) has made a lowering that loses the whole step look
@@ -357,13 +357,11 @@ def add_conv_flag(parser: argparse.ArgumentParser, default: str = "auto", *, mor
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m unet_jax.autotune", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32, help="the run's global batch (default %(default)s, the trainer's)")
+    parser.add_argument("--batch", type=positive(int), default=32, help="the run's global batch (default %(default)s, the trainer's)")
     parser.add_argument("--mode", choices=MODES, default="train", help="train: forward and gradients; sample: forward")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the run's compute dtype (default %(default)s)")
     parser.add_argument("--remeasure", action="store_true", help="measure even if the cache has this machine")
     args = parser.parse_args(argv)
-    if args.batch < 1:
-        parser.error("--batch must be at least 1")
     devices.use_all_cpu_cores(args.batch)  # as the trainer: a device per core that splits the batch
     mesh = devices.data_mesh(args.batch)
     per_device = args.batch // mesh.devices.size

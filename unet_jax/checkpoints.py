@@ -199,7 +199,7 @@ def restore_latest_params(workdir: str) -> tuple[dict, dict]:
     """(config, {'step', 'params', 'ema_params'}) from the workdir's newest readable checkpoint."""
     config = read_record(workdir)
     directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory) or not committed_steps(workdir):
+    if not committed_steps(workdir):
         if os.path.exists(os.path.join(workdir, TORCH_CHECKPOINT_FILE)):
             n_T = f" --n-T {config['n_T']}" if config and "n_T" in config else ""
             raise FileNotFoundError(f"no checkpoint of the JAX trainer in {workdir}: it holds a torch training run, whose "

@@ -11,21 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ddpm_recipe.schedule import (
-    DEFAULT_CLIP_X0,
-    DEFAULT_ETA,
-    DEFAULT_SAMPLE_STEPS,
-    DEFAULT_SAMPLER,
-    N_T,
-    Schedule,
-    check_eta,
-    ddim_timesteps,
-    linear_schedule,
-)
-
-__all__ = ["N_T", "Schedule", "linear_schedule", "DEFAULT_SAMPLER", "DEFAULT_SAMPLE_STEPS", "DEFAULT_ETA",
-           "DEFAULT_CLIP_X0", "q_sample", "draw_timesteps_and_noise",
-           "noise_prediction_loss", "ddpm_sample", "ddim_sample"]
+from ddpm_recipe.schedule import DEFAULT_CLIP_X0, DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, Schedule, check_eta, ddim_timesteps
 
 
 def _at(table, t_B, like):

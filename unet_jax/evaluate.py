@@ -25,12 +25,13 @@ import optax
 from flax import serialization
 
 from ddpm_recipe.errors import first_line
-from ddpm_recipe.run_folder import check_writable, write_atomically, write_json
+from ddpm_recipe.run_folder import check_writable, to_uint8, write_atomically, write_json
+from ddpm_recipe.schedule import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
 from ddpm_recipe.settings import SAMPLERS, ddim_eta, positive, seed
+from ddpm_recipe.weights import flag_error
 from unet_jax import autotune, checkpoints, data, devices
-from unet_jax.diffusion import DEFAULT_ETA, DEFAULT_SAMPLE_STEPS, DEFAULT_SAMPLER, N_T
 from unet_jax.layers import conv_same_tapgrad, max_pool
-from unet_jax.sample import generate_on_local_devices, to_uint8
+from unet_jax.sample import generate_on_local_devices
 
 CONFIDENT = 0.9
 
@@ -59,6 +60,9 @@ class LeNet(nn.Module):
         return feats if features else nn.Dense(10)(feats)
 
 
+_OPTIMIZER = optax.adam(1e-3)
+
+
 @jax.jit
 def _classifier_step(params, opt_state, images_u8, labels, key):
     x = data.to_model_range(images_u8)
@@ -73,9 +77,6 @@ def _classifier_step(params, opt_state, images_u8, labels, key):
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = _OPTIMIZER.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
-
-
-_OPTIMIZER = optax.adam(1e-3)
 
 
 def classifier_keys(seed: int):
@@ -242,10 +243,8 @@ def main(argv=None) -> None:
 
             try:
                 params, n_T = torch_to_flax(args.torch_checkpoint)["params"], args.n_T or N_T
-            except WeightsFileError as error:
-                raise SystemExit(f"error: --torch-checkpoint: {error}") from None
-            except CheckpointMismatchError as error:
-                raise SystemExit(f"error: --torch-checkpoint {args.torch_checkpoint}: {error.one_line()}") from None
+            except (WeightsFileError, CheckpointMismatchError) as error:
+                raise SystemExit(f"error: {flag_error('--torch-checkpoint', args.torch_checkpoint, error)}") from None
         else:
             config, restored = checkpoints.restore_latest_params(args.workdir)
             params, n_T = restored["params" if args.raw else "ema_params"], config["n_T"]

@@ -228,11 +228,10 @@ class Unet(nn.Module):
 def init_variables(rng, *, batch: int = 1, **model_kwargs):
     """Fresh ``{'params': ...}`` for ``Unet(**model_kwargs)``.
 
-    One compiled program, the same numbers as eager initialisation: run op by op, the
-    initialisers compile about 180 small programs, which took twice as long as compiling one.
-    It runs once, so on a CPU it is compiled for a short compile rather than a fast run: at XLA's
-    optimisation level 1 it compiles in about a third of the default's time, and its numbers do
-    not depend on the level (no fast-math at any); tests/test_model.py holds them to Flax's eager
+    One compiled program, the same numbers as eager initialisation, which would compile each of
+    the initialisers' small ops as a program of its own. It runs once, so on a CPU it is compiled
+    for a short compile rather than a fast run, at XLA's optimisation level 1; its numbers are the
+    default level's (no fast-math at either), and tests/test_model.py holds them to Flax's eager
     ones bit for bit. Traced (``jax.eval_shape`` of it, inside a jit), it is an ordinary nested jit.
     """
     model = Unet(**model_kwargs)

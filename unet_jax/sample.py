@@ -11,19 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_recipe.run_folder import check_writable, save_grid, to_uint8  # noqa: F401 (to_uint8: this module's API)
-from ddpm_recipe.schedule import linear_schedule
-from ddpm_recipe.settings import SAMPLERS, ddim_eta, positive, seed
-from unet_jax import autotune, checkpoints, devices
-from unet_jax.diffusion import (
+from ddpm_recipe.run_folder import check_writable, save_grid
+from ddpm_recipe.schedule import (
     DEFAULT_CLIP_X0,
     DEFAULT_ETA,
     DEFAULT_SAMPLE_STEPS,
     DEFAULT_SAMPLER,
     N_T,
-    ddim_sample,
-    ddpm_sample,
+    linear_schedule,
 )
+from ddpm_recipe.settings import SAMPLERS, ddim_eta, positive, seed
+from unet_jax import autotune, checkpoints, devices
+from unet_jax.diffusion import ddim_sample, ddpm_sample
 from unet_jax.model import COMPUTE_DTYPES, IMAGE_SHAPE, Unet
 
 

@@ -1,10 +1,12 @@
 """The trainer's device program: one Adam and EMA update, K of them per dispatch, and the log window;
-and which steps go in each dispatch.
+and, on the host, which steps go in each dispatch.
 
-Everything here is pure and runs under ``jax.jit``: the batch is gathered on the device
-from the uint8 training set by ``data.epoch_order`` and ``data.batch_in_order`` (functions of the step), the noise
-comes from ``fold_in(key, step)``, and the loss and any non-finite step are folded into a
-device-side log window, so no step waits for the host. ``unet_jax.train`` runs the loop.
+The program is pure and runs under ``jax.jit``: the batch is gathered on the device from the
+uint8 training set by ``data.epoch_order`` and ``data.batch_in_order`` (functions of the step),
+the noise comes from ``fold_in(key, step)``, and the loss and any non-finite step are folded into
+a device-side log window, so no step waits for the host. ``describe_nonfinite`` reads that window
+once fetched; ``steps_in_dispatch`` and ``program_changes`` plan the dispatches of a run and of its
+resume. ``unet_jax.train`` runs the loop.
 """
 
 import functools

@@ -38,6 +38,7 @@ from ddpm_recipe.run_folder import (
 )
 from ddpm_recipe.schedule import linear_schedule
 from ddpm_recipe.settings import PROGRAM, Config, SettingsError, check_batch_fits, due
+from ddpm_recipe.weights import flag_error
 from unet_jax import autotune, checkpoints, data, devices
 from unet_jax.flags import build_parser, parse_config
 from unet_jax.layers import ConvPlan
@@ -66,19 +67,18 @@ def _prepare_workdir(workdir: str) -> None:
     make_writable_folders(workdir, os.path.join(workdir, "samples"), checkpoints.checkpoint_dir(workdir))
 
 
-def _initial_params(config: Config, key):
-    if config.init_from:
-        from parity import CheckpointMismatchError, WeightsFileError, torch_to_flax  # the torch boundary
+def _init_from_weights(config: Config):
+    """The --init-from weights as float32 Flax params, or None without --init-from."""
+    if not config.init_from:
+        return None
+    from parity import CheckpointMismatchError, WeightsFileError, torch_to_flax  # the torch boundary
 
-        try:
-            ported = torch_to_flax(config.init_from)["params"]
-        except WeightsFileError as error:
-            raise InitFromError(f"--init-from: {error}") from None
-        except CheckpointMismatchError as error:
-            raise InitFromError(f"--init-from {config.init_from}: {error.one_line()}") from None
-        # Training keeps float32 parameters whatever the checkpoint's dtype (fp16, bf16, f64).
-        return jax.tree.map(lambda a: a.astype(jnp.float32), ported)
-    return init_variables(key)["params"]
+    try:
+        ported = torch_to_flax(config.init_from)["params"]
+    except (WeightsFileError, CheckpointMismatchError) as error:
+        raise InitFromError(flag_error("--init-from", config.init_from, error)) from None
+    # Training keeps float32 parameters whatever the checkpoint's dtype (fp16, bf16, f64).
+    return jax.tree.map(lambda a: a.astype(jnp.float32), ported)
 
 
 def _write_loss_curve(workdir: str) -> None:
@@ -119,7 +119,6 @@ def train(config: Config, *, adopt: bool = False) -> TrainState:
     ``adopt``: the workdir's checkpoints lost their config.json; take this config as theirs.
     """
     primary = devices.is_primary()
-    init_key, data_key, noise_key, sample_key = run_keys(config.seed)
     checkpoints.refuse_a_torch_run(config.workdir)
     # Read the data and --init-from before writing anything: a bad file must leave no trace in the
     # workdir. Each process reads its own copies; where one cannot, for any reason, every process
@@ -129,7 +128,7 @@ def train(config: Config, *, adopt: bool = False) -> TrainState:
         images = data.load(config.data, "train")
         check_batch_fits(config.batch_size, len(images.images))
         if not checkpoints.committed_steps(config.workdir):
-            initial = _initial_params(config, init_key)
+            initial = _init_from_weights(config)
     except Exception as error:  # re-raised below, as it is: a bug keeps its traceback
         failed = error
     if not devices.everywhere(failed is None):
@@ -146,15 +145,15 @@ def train(config: Config, *, adopt: bool = False) -> TrainState:
     if not devices.agree(busy is None):
         raise busy or WorkdirBusyError(f"process 0 found {config.workdir} in use by another trainer")
     try:
-        return _train(config, adopt, images, initial, (init_key, data_key, noise_key, sample_key))
+        return _train(config, adopt, images, initial, run_keys(config.seed))
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(config: Config, adopt: bool, images, initial, run_key_set) -> TrainState:
+def _train(config: Config, adopt: bool, images, initial, keys_of_the_run) -> TrainState:
     primary = devices.is_primary()
-    init_key, data_key, noise_key, sample_key = run_key_set
+    init_key, data_key, noise_key, sample_key = keys_of_the_run
     mesh = devices.training_mesh(config.batch_size)
     mgr = checkpoints.manager(config.workdir)
     try:
@@ -233,9 +232,8 @@ def _train(config: Config, adopt: bool, images, initial, run_key_set) -> TrainSt
 
 def _dtype_note(dtype: str, backend: str) -> str | None:
     """What a user asking for bfloat16 on a CPU should know: XLA:CPU converts bfloat16 convolutions,
-    and dots with a bfloat16 result, to float32 and back, so the run is slower than in float32 on
-    every CPU measured, AMX and AVX512-BF16 ones included (where only a dot with a float32 result
-    runs on AMX, and the convolutions built of such dots are bound by their copies)."""
+    and dots with a bfloat16 result, to float32 and back, so the run is slower than in float32, on
+    CPUs with bfloat16 instructions too (benchmarks/README.md has the measurements)."""
     if dtype == "bfloat16" and backend == "cpu":
         return ("note: --dtype bfloat16 on a CPU: XLA computes its matmuls and convolutions in float32 there, "
                 "so this run is slower than --dtype float32 (benchmarks/README.md, Speed against torch)")
@@ -308,9 +306,8 @@ def _restore(config: Config, mgr, fresh_state, init_key, mesh, recorded_program,
     """The newest readable checkpoint, else ``fresh_state(init_key)``, replicated over the mesh; ``metrics.jsonl``
     trimmed to match. A checkpoint restores into that layout whatever device count wrote it.
 
-    A resumed run needs only the state's shapes, so its initial weights are never computed: an
-    eager initialisation is a few hundred small programs to compile on a cold compilation cache.
-    The key goes into ``jax.eval_shape`` as an argument: traced, ``init_variables`` is only traced,
+    A resumed run needs only the state's shapes, so its initial weights are never computed (that
+    would compile and run the initialisers' program for nothing). The key goes into ``jax.eval_shape`` as an argument: traced, ``init_variables`` is only traced,
     where a key closed over would have it compile and run its own program.
     """
     primary = devices.is_primary()

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from ddpm_recipe.errors import first_line
-from ddpm_recipe.weights import WeightsFileError, check_weights_file
+from ddpm_recipe.weights import WeightsFileError, check_weights_file, unreadable_safetensors
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -23,8 +23,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except SafetensorError as error:
-            raise WeightsFileError(f"cannot read {path!r} as safetensors ({error}); it may be truncated: "
-                                   "save or copy it again") from None
+            raise unreadable_safetensors(path, error) from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
