@@ -110,8 +110,9 @@ def test_an_op_that_xla_added_counts_for_the_layer_whose_value_it_copies():
 
 def test_profile_sums_the_step_by_kind_of_op(tmp_path, warm_autotune_cache):
     env = warm_autotune_cache(tmp_path / "autotune", train="tapgrad", sample="xla")  # auto's plan, not measured
-    # As the trainer runs: a device per core, whose all-reduce only a run on several shows.
-    out = _run("benchmarks.profile", "--batch", "2", "--devices", "2", "--steps-per-dispatch", "2", "--dispatches", "1",
+    # As the trainer runs: a device per core, whose all-reduce only a run on several shows; 5 steps per
+    # dispatch, as the benchmark's jax-jit row above, whose program the compilation cache then holds.
+    out = _run("benchmarks.profile", "--batch", "2", "--devices", "2", "--steps-per-dispatch", "5", "--dispatches", "1",
                "--top", "1000", env=dict(env, XLA_FLAGS=""))
     assert "3x3 conv lowerings: tapgrad" in out and "batch 2 per device on 2 cpu device(s)" in out
     assert "| all-reduce, and waiting there for the other devices |" in out

@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,30 @@ def _params(workdir):
     return checkpoints.restore_latest_params(str(workdir))[1]
 
 
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A TINY run of 2 steps, checkpointed at step 2, trained once for the tests that start from one."""
+    workdir = tmp_path_factory.mktemp("two_steps") / "run"
+    train(Config(workdir=str(workdir), steps=2, ckpt_every=2, **TINY))
+    return workdir
+
+
+@pytest.fixture
+def at_step_2(two_steps, tmp_path):
+    """A copy of ``two_steps``'s workdir (``tmp_path/run``) for one test to go on from, or to harm."""
+    return shutil.copytree(two_steps, tmp_path / "run")
+
+
+TEN_SINGLE_STEPS = dict(steps=10, ckpt_every=0, steps_per_dispatch=1, **(TINY | {"log_every": 4}))
+
+
+@pytest.fixture(scope="module")
+def ten_single_steps(tmp_path_factory):
+    """(final state, workdir) of a TINY run of 10 steps, one per dispatch, logged every 4."""
+    workdir = tmp_path_factory.mktemp("ten_single_steps") / "run"
+    return train(Config(workdir=str(workdir), **TEN_SINGLE_STEPS)), workdir
+
+
 def test_tiny_run_writes_everything_and_resumes(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     state = train(Config(workdir=workdir, steps=4, ckpt_every=2, **TINY))
@@ -68,11 +93,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
-def test_steps_per_dispatch_equals_one_step_per_dispatch(tmp_path, capsys):
+def test_steps_per_dispatch_equals_one_step_per_dispatch(ten_single_steps, tmp_path, capsys):
     # Chunks of 3 around log boundaries every 4 steps: 3+1, 3+1, 1+1 steps per dispatch.
-    config = Config(steps=10, ckpt_every=0, **(TINY | {"log_every": 4}))
-    one = train(dataclasses.replace(config, workdir=str(tmp_path / "one"), steps_per_dispatch=1))
-    chunked = train(dataclasses.replace(config, workdir=str(tmp_path / "chunked"), steps_per_dispatch=3))
+    one, one_workdir = ten_single_steps
+    chunked = train(Config(workdir=str(tmp_path / "chunked"), **(TEN_SINGLE_STEPS | {"steps_per_dispatch": 3})))
     assert int(chunked.step) == 10
     assert "note: --log-every 4 not a multiple of --steps-per-dispatch 3" in capsys.readouterr().out
     # The 3-step program fuses differently, so float32 sums round differently (~1e-7). Adam turns
@@ -83,19 +107,19 @@ def test_steps_per_dispatch_equals_one_step_per_dispatch(tmp_path, capsys):
         diff = np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, b)))
         norm = np.sqrt(sum(np.sum(x**2) for x in a))
         assert diff <= 1e-4 * norm, (key, diff, norm)
-    rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")] for name in ("one", "chunked")}
+    rows = {name: [json.loads(line) for line in open(folder / "metrics.jsonl")]
+            for name, folder in (("one", one_workdir), ("chunked", tmp_path / "chunked"))}
     assert [r["step"] for r in rows["chunked"]] == [r["step"] for r in rows["one"]] == [4, 8, 10]
     np.testing.assert_allclose([r["loss"] for r in rows["chunked"]], [r["loss"] for r in rows["one"]], rtol=1e-6)
 
 
-def test_the_trainer_trains_on_the_batches_timesteps_and_noise_its_docstring_promises(tmp_path):
+def test_the_trainer_trains_on_the_batches_timesteps_and_noise_its_docstring_promises(ten_single_steps):
     # The trainer's own program against a plain loop of apply_update (which tests/test_train_parity.py
     # holds to torch), fed as unet_jax/train.py documents, written here with jax.random and NumPy alone:
     # epoch e's order is permutation(fold_in(data_key, e)); step s's t ~ U{1..n_T} and noise come from
     # fold_in(noise_key, s); pixels go through the tutorial's ToTensor and Normalize((0.5,), (0.5,)).
-    config = Config(workdir=str(tmp_path / "run"), steps=10, ckpt_every=0, steps_per_dispatch=1,
-                    **(TINY | {"log_every": 4}))
-    trained = train(config)
+    trained, workdir = ten_single_steps
+    config = Config(workdir=str(workdir), **TEN_SINGLE_STEPS)
     init_key, data_key, noise_key, _ = step_module.run_keys(config.seed)
     tx = step_module.make_optimizer(config)
     state = step_module.create_state(init_variables(init_key)["params"], tx)
@@ -111,7 +135,7 @@ def test_the_trainer_trains_on_the_batches_timesteps_and_noise_its_docstring_pro
         t = jax.random.randint(t_key, (b,), 1, config.n_T + 1)
         state, metrics = update(state, x0, t, jax.random.normal(eps_key, x0.shape))
         losses.append(float(metrics["loss"]))
-    logged = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    logged = [json.loads(line)["loss"] for line in open(workdir / "metrics.jsonl")]
     # The trainer's program (shard_map over the run's devices, the metrics folded in) rounds float32
     # sums in another order, which Adam turns into a visible share of an lr-sized step where a gradient
     # is ~0 (as across device counts, tests/test_scaling.py): measured 2.7 % of the update after 10
@@ -191,11 +215,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, warm_autotune_cache)
             np.testing.assert_array_equal(x, y)
 
 
-def test_resume_reuses_the_recorded_conv_lowerings(tmp_path, monkeypatch, capsys):
-    # tapgrad and xla: lowerings whose tiny programs the other tests here compile too (the session's
-    # compilation cache has them); any recorded plan other than what auto would measure serves.
-    workdir = str(tmp_path / "run")
-    train(Config(workdir=workdir, steps=2, ckpt_every=0, **(TINY | {"conv": "tapgrad"})))
+def test_resume_reuses_the_recorded_conv_lowerings(at_step_2, monkeypatch, capsys):
+    # Any recorded plan other than what auto would measure serves: TINY's tapgrad.
+    workdir = str(at_step_2)
     assert checkpoints.read_conv_plan(workdir) == ConvPlan("tapgrad")
 
     def no_measuring(*args, **kwargs):
@@ -252,9 +274,8 @@ def test_a_resume_says_when_its_programs_differ_from_the_runs():
         "the record of the run's device programs in its config.json is unreadable"]
 
 
-def test_a_corrupt_conv_record_is_refused_in_one_line(tmp_path):
-    workdir = tmp_path / "run"
-    train(Config(workdir=str(workdir), steps=2, ckpt_every=2, **TINY))
+def test_a_corrupt_conv_record_is_refused_in_one_line(at_step_2):
+    workdir = at_step_2
     (workdir / checkpoints.CONV_PLAN_FILE).write_text("{half a file")
     with pytest.raises(SystemExit, match=r"error: .*conv_plan.json is not a record of 3x3 conv lowerings .*--conv"):
         main(["--workdir", str(workdir), "--steps", "4", *TINY_FLAGS[:-2]])  # --conv auto resumes by the record
@@ -273,18 +294,16 @@ def test_a_new_run_measures_its_lowerings_whatever_an_earlier_start_recorded(tmp
     assert checkpoints.read_conv_plan(str(workdir)) == ConvPlan("tapgrad")
 
 
-def test_an_explicit_conv_resumes_past_a_damaged_record_of_the_lowerings(tmp_path, capsys):
-    workdir = tmp_path / "run"
-    train(Config(workdir=str(workdir), steps=2, ckpt_every=2, **TINY))
+def test_an_explicit_conv_resumes_past_a_damaged_record_of_the_lowerings(at_step_2, capsys):
+    workdir = at_step_2
     (workdir / checkpoints.CONV_PLAN_FILE).write_text("{half a file")
     state = train(Config(workdir=str(workdir), steps=4, ckpt_every=2, **TINY))  # --conv tapgrad
     assert int(state.step) == 4 and checkpoints.read_conv_plan(str(workdir)) == ConvPlan("tapgrad")
     assert "replaces the 3x3 conv lowerings" not in capsys.readouterr().out  # nothing readable was replaced
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    workdir = str(tmp_path / "run")
-    train(Config(workdir=workdir, steps=2, ckpt_every=2, **TINY))
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(at_step_2, monkeypatch):
+    workdir = str(at_step_2)
     monkeypatch.setattr(data, "to_model_range", lambda u8: u8.astype(jnp.float32) * jnp.nan)
     with pytest.raises(FloatingPointError, match=r"non-finite loss, gradients and parameters at step 2 \(loss nan\); "
                                                  r"stopping. The last complete checkpoint in .* is step 2, and it is kept"):
@@ -315,21 +334,19 @@ def test_a_run_stopped_while_drawing_its_last_grid_draws_it_on_resume(tmp_path, 
     assert (workdir / "samples" / "step_4.png").is_file() and checkpoints.committed_steps(str(workdir))[-1] == 4
 
 
-def test_non_finite_gradients_with_a_finite_loss_stop_the_run_too(tmp_path, monkeypatch):
+def test_non_finite_gradients_with_a_finite_loss_stop_the_run_too(at_step_2, monkeypatch):
     def finite_loss_infinite_gradients(model_fn, schedule, x0, t_B, noise):
         return jnp.sqrt(0.0 * jnp.sum(model_fn(x0, t_B / schedule.n_T)))  # 0, and d sqrt(u)/du at 0 is infinite
 
-    workdir = str(tmp_path / "run")
-    train(Config(workdir=workdir, steps=2, ckpt_every=2, **TINY))
+    workdir = str(at_step_2)
     monkeypatch.setattr(step_module, "noise_prediction_loss", finite_loss_infinite_gradients)
     with pytest.raises(FloatingPointError, match=r"^non-finite gradients and parameters at step 2 \(loss -?0\); "):
         train(Config(workdir=workdir, steps=6, ckpt_every=2, **TINY))
     assert _params(workdir)["step"] == 2
 
 
-def test_incompatible_workdir_is_refused_and_untouched(tmp_path):
-    workdir = str(tmp_path / "run")
-    train(Config(workdir=workdir, steps=2, ckpt_every=0, **TINY))
+def test_incompatible_workdir_is_refused_and_untouched(at_step_2):
+    workdir = str(at_step_2)
     before = open(os.path.join(workdir, "config.json")).read()
     with pytest.raises(checkpoints.IncompatibleWorkdirError, match=r"batch_size: the workdir has 8, this run asks for 4"):
         train(Config(workdir=workdir, steps=4, ckpt_every=0, **(TINY | {"batch_size": 4})))
