@@ -6,27 +6,40 @@ max absolute difference, divided by the tensor's max magnitude where that exceed
 gradients to ‖Δ‖ / ‖g‖, the difference's norm relative to the gradient's own, since raw
 gradients span many orders of magnitude across layers.
 
-Max-pooling has a kink where two entries of a window tie. When the two largest entries
-of some window are closer than ``POOL_TIE_MARGIN``, torch and XLA may each pick a different
-winner from forward values that differ by float32 rounding (a few 1e-6 by the pools), and route that
-window's gradient to different pixels: both are correct (sub)gradients. The gradients of
-the parameters before that pool (only those: the decoder's and the time embedding's never
-pass back through an encoder pool) are then reported as skipped, with the margin, rather
-than compared, and never counted as passed; float64 resolves such windows identically and
-is always compared.
+The network makes discrete decisions: each ReLU's sign (is its input above 0?) and each
+max-pool window's winner. Where an input lies within float32 rounding of such a kink (a
+ReLU input of 2e-7, two window entries 6e-8 apart), torch and XLA, whose forward values
+differ by that rounding, may decide it differently, and route that element's gradient
+differently: both are correct (sub)gradients, and the difference reaches every parameter
+whose gradient passes back through that layer. So the decisions of both sides are read off
+the very forward passes that gave the gradients (the torch modules' inputs; the Flax
+GroupNorms' outputs, which the ReLUs take), and where one differs, the gradients of the
+parameters of that layer's stage and of every stage before it (``upstream_of``) are
+reported as skipped, naming the layer, rather than compared, and never counted as passed.
+float64 has always decided alike, and is always compared.
 """
 
 import copy
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
 from ddpm_recipe.schedule import N_T
-from parity.port import CheckpointMismatchError, check_floating, flax_to_torch, strip_wrapper_prefix, torch_to_flax
+from parity.port import (
+    GROUP_NORM,
+    LAYERS,
+    CheckpointMismatchError,
+    check_floating,
+    flax_to_torch,
+    strip_wrapper_prefix,
+    torch_to_flax,
+)
+from unet_jax.layers import GroupNorm
 from unet_jax.model import Unet
 from unet_torch.weights import load_state_dict
 
@@ -34,7 +47,20 @@ ACTIVATIONS = ("x_f", "d1", "d2", "d3", "latent", "temb", "u1", "u2", "u3", "u4"
 # (activations: max |diff| / max(1, max |ref|); gradients: ||diff|| / ||grad||)
 TOLERANCES = {"float32": (1e-5, 1e-4), "float64": (1e-12, 1e-10)}
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-POOL_TIE_MARGIN = {"float32": 1e-6, "float64": 0.0}
+# The UNet's stages in forward order, by parameter-name prefix. The time embedding joins at the
+# decoder's input, so no encoder decision reaches it.
+STAGES = ("encoder.initial_features.", "encoder.down1.", "encoder.down2.", "encoder.down3.", "time_embedding_layer.",
+          "decoder.up1.", "decoder.up2.", "decoder.up3.", "decoder.up4.", "decoder.out.")
+# torch GroupNorm -> its Flax path: the input of the ReLU after it is that GroupNorm's output.
+_GROUP_NORMS = {torch_name: flax_path for torch_name, flax_path, kind in LAYERS if kind is GROUP_NORM}
+# The decisions: each ReLU after a GroupNorm, and each max-pool after a ConvBlock's ReLU, with that
+# GroupNorm. (The ReLU after the encoder's average pool is left out: its input, an average of ReLU
+# outputs, is 0 only where they all are, on both sides alike.)
+RELU_AFTER = {"encoder.initial_features.2": "encoder.initial_features.1", "decoder.up1.2": "decoder.up1.1"} | {
+    f"{block}.2": f"{block}.1" for block in ("encoder.down1.model.0.block", "encoder.down2.model.0.block",
+                                             "encoder.down3.model.0.block", "decoder.up2.model.1.block",
+                                             "decoder.up3.model.1.block", "decoder.up4.model.1.block")}
+POOL_AFTER = {f"encoder.down{k}.model.1": f"encoder.down{k}.model.0.block.1" for k in (1, 2, 3)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,35 +95,54 @@ def torch_intermediates(model, x, t) -> dict[str, torch.Tensor]:
     return dict(x_f=x_f, d1=d1, d2=d2, d3=d3, latent=latent, temb=temb, u1=u1, u2=u2, u3=u3, u4=u4, eps_hat=eps_hat)
 
 
-def max_pool_margins(model, x) -> dict[str, float]:
-    """Per max-pool (by module name, in forward order): the smallest gap between the two largest
-    entries of any of its windows with a positive max."""
+def upstream_of(module: str, parameter_names) -> list[str]:
+    """The parameters whose gradients pass back through ``module`` ('encoder.down2.model.1'): those
+    of its stage and of every stage before it in the forward pass."""
+    stage = next(i for i, prefix in enumerate(STAGES) if module.startswith(prefix))
+    return [name for name in parameter_names if name.startswith(STAGES[: stage + 1])]
+
+
+def _record_inputs(model) -> tuple[dict, list]:
+    """Hooks that keep the input of each module in RELU_AFTER and POOL_AFTER, by name, from the
+    next forward pass."""
     inputs = {}
-    pools = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.MaxPool2d)]
     hooks = [m.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0].detach()))
-             for name, m in pools]
-    try:
-        with torch.no_grad():
-            model.encoder(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    margins = {}
-    for name, a in inputs.items():
-        b, c, h, w = a.shape
-        windows = a[:, :, : h // 2 * 2, : w // 2 * 2].reshape(b, c, h // 2, 2, w // 2, 2)
-        top2 = windows.permute(0, 1, 2, 4, 3, 5).reshape(b, c, h // 2, w // 2, 4).topk(2, dim=-1).values
-        positive = top2[..., 0] > 0
-        margins[name] = float((top2[..., 0] - top2[..., 1])[positive].min()) if positive.any() else np.inf
-    return margins
+             for name, m in model.named_modules() if name in RELU_AFTER or name in POOL_AFTER]
+    return inputs, hooks
 
 
-def upstream_of(pool: str, parameter_names) -> list[str]:
-    """The parameters computed before the max-pool ``pool`` ('encoder.down2.model.1'): the encoder's
-    initial features and its down blocks up to the pool's own."""
-    down = pool.split(".")[1]  # 'down2'
-    blocks = ["encoder.initial_features."] + [f"encoder.down{k}." for k in range(1, int(down[len("down"):]) + 1)]
-    return [name for name in parameter_names if name.startswith(tuple(blocks))]
+def _window_winners(a_BxHxWxC):
+    """Each 2x2 window's winner, the first of equal maxima as both sides take it, and whether its
+    maximum is positive (a window of zeros sends no gradient back past its ReLU, whoever wins)."""
+    b, h, w, c = a_BxHxWxC.shape
+    windows = a_BxHxWxC[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+    windows = windows.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, c, 4)
+    return windows.argmax(-1), windows.max(-1) > 0, np.sort(windows, -1)
+
+
+def decisions_that_differ(torch_inputs: dict, flax_group_norms: dict) -> dict[str, str]:
+    """Module name -> what it decided otherwise on the Flax side, for each ReLU and max-pool of
+    ``torch_inputs`` that did.
+
+    ``torch_inputs``: the input of each module in RELU_AFTER and POOL_AFTER (NHWC, by torch name);
+    ``flax_group_norms``: each GroupNorm's output on the Flax side (NHWC, by torch name).
+    """
+    differ = {}
+    for name, z in torch_inputs.items():
+        if name in RELU_AFTER:
+            flipped = (flax_group_norms[RELU_AFTER[name]] > 0) != (z > 0)
+            if flipped.any():
+                differ[name] = (f"ReLU {name} takes {int(flipped.sum())} input(s) on the other side of 0 "
+                                f"(torch's closest: {np.abs(z[flipped]).min():.1e})")
+        else:  # a pool, whose input on the Flax side is that GroupNorm's output after the ReLU
+            theirs, positive, ranked = _window_winners(z)
+            ours, _, _ = _window_winners(np.maximum(flax_group_norms[POOL_AFTER[name]], 0))
+            other = (theirs != ours) & positive
+            if other.any():
+                gap = (ranked[..., -1] - ranked[..., -2])[other].min()
+                differ[name] = (f"max-pool {name} picks another winner in {int(other.sum())} window(s) "
+                                f"(torch's closest two: {gap:.1e} apart)")
+    return differ
 
 
 def make_inputs(seed: int, batch: int, dtype: str):
@@ -153,20 +198,27 @@ def compare(model, *, seed: int = 0, batch: int = 8, dtype: str = "float32", fas
     model = copy.deepcopy(model).to(TORCH_DTYPES[dtype])  # the caller's model keeps its dtype and its .grad
     variables = torch_to_flax(model.state_dict())
 
-    # torch: activations and gradients of mean((eps_hat - noise)^2)
+    # torch: activations and gradients of mean((eps_hat - noise)^2), and the decisions on the way
     model.zero_grad()
-    ref = torch_intermediates(model, torch.from_numpy(x), torch.from_numpy(t))
+    decided, hooks = _record_inputs(model)
+    try:
+        ref = torch_intermediates(model, torch.from_numpy(x), torch.from_numpy(t))
+    finally:
+        for hook in hooks:
+            hook.remove()
     torch.mean((ref["eps_hat"] - torch.from_numpy(noise)) ** 2).backward()
     ref_grads = {k: p.grad for k, p in model.named_parameters()}
 
     # jax: the same, NHWC
-    ours, grads = _jax_forward_and_grads(Unet(fast=fast, conv=conv), variables, _nchw_to_nhwc(x), t, _nchw_to_nhwc(noise))
+    ours, grads, group_norms = _jax_forward_and_grads(Unet(fast=fast, conv=conv), variables, _nchw_to_nhwc(x), t,
+                                                      _nchw_to_nhwc(noise))
     grads = flax_to_torch(grads)
+    group_norms = {name: np.asarray(_at(group_norms, path)) for name, path in _GROUP_NORMS.items()}
+    differ = decisions_that_differ({name: _nchw_to_nhwc(z.numpy()) for name, z in decided.items()}, group_norms)
     skips = {}
-    for pool, margin in max_pool_margins(model, torch.from_numpy(x)).items():
-        if margin < POOL_TIE_MARGIN[dtype]:
-            for name in upstream_of(pool, ref_grads):
-                skips.setdefault(name, f"max-pool near-tie in {pool} (margin {margin:.1e} < {POOL_TIE_MARGIN[dtype]:.0e})")
+    for module, what in differ.items():
+        for name in upstream_of(module, ref_grads):
+            skips.setdefault(name, what)
 
     rows = []
     for name in ACTIVATIONS:
@@ -178,13 +230,28 @@ def compare(model, *, seed: int = 0, batch: int = 8, dtype: str = "float32", fas
     return rows
 
 
+def _at(captured: dict, flax_path: str):
+    """A captured module output, by its Flax path ('decoder/up1_1')."""
+    for key in flax_path.split("/"):
+        captured = captured[key]
+    return captured["__call__"][0]
+
+
+def _is_group_norm(module, method_name: str) -> bool:
+    return method_name == "__call__" and isinstance(module, (GroupNorm, nn.GroupNorm))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _jax_forward_and_grads(unet, variables, x, t, noise):
+    """The named intermediates, the parameter gradients, and every GroupNorm's output (the input
+    of the ReLU after it), all of one forward pass: the one whose decisions the gradients took."""
     def loss(params):
-        return jnp.mean((unet.apply({"params": params}, x, t) - noise) ** 2)
+        out, state = unet.apply({"params": params}, x, t, method=Unet.intermediates,
+                                capture_intermediates=_is_group_norm, mutable=["intermediates"])
+        return jnp.mean((out["eps_hat"] - noise) ** 2), (out, state["intermediates"])
 
-    intermediates = unet.apply(variables, x, t, method=Unet.intermediates)
-    return intermediates, {"params": jax.grad(loss)(variables["params"])}
+    grads, (intermediates, group_norms) = jax.grad(loss, has_aux=True)(variables["params"])
+    return intermediates, {"params": grads}, group_norms
 
 
 def _row(name, expected, found, tolerance, metric) -> Row:
