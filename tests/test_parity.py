@@ -51,7 +51,7 @@ def test_every_conv_lowering_agrees_through_the_whole_network(conv):
     # Each lowering held to torch through the whole UNet, every intermediate and every parameter
     # gradient (tests/test_layers.py holds them layer by layer); Winograd's transforms add rounding
     # that grows with depth, so its forward is held to float32's tolerances there too (on a batch
-    # without a max-pool near-tie). `winograd` has winograd_tapgrad's forward; its autodiff
+    # where both sides decide every ReLU and max-pool alike). `winograd` has winograd_tapgrad's forward; its autodiff
     # gradients, which no plan picks for training, are held layer by layer.
     with jax.enable_x64(True):
         rows = compare(build_torch_model(1, "float64"), seed=1, batch=2, dtype="float64", conv=conv)

@@ -307,8 +307,9 @@ def _restore(config: Config, mgr, fresh_state, init_key, mesh, recorded_program,
     trimmed to match. A checkpoint restores into that layout whatever device count wrote it.
 
     A resumed run needs only the state's shapes, so its initial weights are never computed (that
-    would compile and run the initialisers' program for nothing). The key goes into ``jax.eval_shape`` as an argument: traced, ``init_variables`` is only traced,
-    where a key closed over would have it compile and run its own program.
+    would compile and run the initialisers' program for nothing). The key goes into
+    ``jax.eval_shape`` as an argument: traced, ``init_variables`` is only traced, where a key
+    closed over would have it compile and run its own program.
     """
     primary = devices.is_primary()
     replicated = devices.replicated(mesh)
