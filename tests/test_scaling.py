@@ -4,6 +4,8 @@ Each run is a subprocess, because the device count and jax.distributed are fixed
 The multi-process commands are those of "Scaling out" in benchmarks/README.md, with 127.0.0.1 as the host.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -18,8 +20,10 @@ import numpy as np
 import pytest
 
 from unet_jax import checkpoints
+from unet_jax.flags import build_parser, parse_config
 from unet_jax.model import init_variables
 from unet_jax.step import run_keys
+from unet_jax.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +82,16 @@ def run_ok(workdir, flags=TINY, **kwargs):
     return results
 
 
+def train_here(workdir, flags) -> str:
+    """The trainer's flags run in this process, whose JAX has one device: for the one-device runs,
+    which need no process boundary. Returns what the run printed."""
+    config, _, _ = parse_config(build_parser(), ["--workdir", str(workdir), *flags])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train(config)
+    return printed.getvalue()
+
+
 def logged_losses(workdir):
     return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
@@ -116,8 +130,7 @@ def assert_same_training(reference, other):
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_device")
-    (_, out, _), = run_ok(workdir)
-    assert "training on 1 cpu device(s) in 1 process(es)" in out
+    assert "training on 1 cpu device(s) in 1 process(es)" in train_here(workdir, TINY)
     return losses_and_params(workdir)
 
 
@@ -172,7 +185,7 @@ def two_processes(tmp_path_factory):
         kills.append({"killed": killed, "rc": rc, "out": out, "err": err,
                       "resumed_from": resumed_from, "saved_step": saved_step})
     finished = run_ok(workdir, flags, processes=2)
-    (_, one_process_out, _), = run_ok(workdir, [*flags, "--steps", "45"])
+    one_process_out = train_here(workdir, [*flags, "--steps", "45"])
     return {"workdir": workdir, "kills": kills, "finished": finished, "one_process_out": one_process_out,
             "step_10": step_10}
 
