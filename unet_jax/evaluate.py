@@ -236,20 +236,7 @@ def main(argv=None) -> None:
     if args.n_T is not None and not args.torch_checkpoint:
         parser.error("--n-T is for --torch-checkpoint; a workdir records its own n_T")
 
-    config = {}  # a torch checkpoint's run is not recorded anywhere: its data is --data, or the bundled digits
-    try:
-        if args.torch_checkpoint:
-            from parity import CheckpointMismatchError, WeightsFileError, torch_to_flax
-
-            try:
-                params, n_T = torch_to_flax(args.torch_checkpoint)["params"], args.n_T or N_T
-            except (WeightsFileError, CheckpointMismatchError) as error:
-                raise SystemExit(f"error: {flag_error('--torch-checkpoint', args.torch_checkpoint, error)}") from None
-        else:
-            config, restored = checkpoints.restore_latest_params(args.workdir)
-            params, n_T = restored["params" if args.raw else "ema_params"], config["n_T"]
-    except checkpoints.UNREADABLE_RUN as error:
-        raise SystemExit(f"error: {error}") from None
+    params, n_T, config = _weights(args)
     if args.sampler == "ddim" and args.sample_steps > n_T:
         raise SystemExit(f"error: --sample-steps {args.sample_steps} exceeds n_T {n_T}")
     if args.torch_checkpoint:  # beside the checkpoint: a workdir's own eval.json is never overwritten
@@ -282,8 +269,30 @@ def main(argv=None) -> None:
     except OSError as error:
         raise SystemExit(f"error: cannot write the report {path}: {error.strerror or error}") from None
     print(f"wrote {prefix}.json and {prefix}_samples.png")
-    print(f"model: {report['model']} ({report['weights']} weights; {args.num} samples, {args.sampler} {report['steps']} steps)")
-    print(f"classifier held-out accuracy: {held_out_accuracy:.4f}")
+    _print_report(report)
+
+
+def _weights(args) -> tuple[dict, int, dict]:
+    """(params, n_T, the run's record) to evaluate: a torch state_dict ported, whose run is recorded
+    nowhere (its data is --data, or the bundled digits), or a workdir's EMA or raw weights."""
+    try:
+        if args.torch_checkpoint:
+            from parity import CheckpointMismatchError, WeightsFileError, torch_to_flax
+
+            try:
+                return torch_to_flax(args.torch_checkpoint)["params"], args.n_T or N_T, {}
+            except (WeightsFileError, CheckpointMismatchError) as error:
+                raise SystemExit(f"error: {flag_error('--torch-checkpoint', args.torch_checkpoint, error)}") from None
+        config, restored = checkpoints.restore_latest_params(args.workdir)
+        return restored["params" if args.raw else "ema_params"], config["n_T"], config
+    except checkpoints.UNREADABLE_RUN as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def _print_report(report: dict) -> None:
+    print(f"model: {report['model']} ({report['weights']} weights; {report['n_samples']} samples, {report['sampler']} "
+          f"{report['steps']} steps)")
+    print(f"classifier held-out accuracy: {report['classifier_accuracy']:.4f}")
     print(f"Frechet distance (LeNet features) to held-out digits: {report['fd']:.3f}")
     print(f"confidence: mean {report['confidence_mean']:.3f}, share > {CONFIDENT}: {report['frac_confident']:.3f}")
     print(f"classes: {report['class_hist']}  entropy {report['class_entropy']:.3f} (uniform: {np.log(10):.3f})")
