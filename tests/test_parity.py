@@ -36,6 +36,9 @@ def test_float32_everything_agrees_where_both_sides_decide_alike(seed):
     _assert_all_pass([r for r in rows if not r.skipped])
     assert not any(r.skipped for r in rows[: len(ACTIVATIONS)])
     assert all(r.skipped.startswith(("ReLU ", "max-pool ")) for r in rows if r.skipped)
+    # A skipped gradient still differs only by what one element's other route adds: seed 2's ReLU
+    # moved the skipped rows by 2.1e-4 of their norm at most; a wrong port moves them by order 1.
+    assert all(r.max_rel <= 1e-2 for r in rows if r.skipped)
     assert not any(r.skipped for r in rows if r.name.startswith("grad decoder.out."))  # after every decision
 
 

@@ -97,7 +97,9 @@ def logged_losses(workdir):
 
 
 def losses_and_params(workdir):
-    return logged_losses(workdir), checkpoints.restore_latest_params(str(workdir))[1]["params"]
+    """The logged losses and the last checkpoint's raw and EMA weights."""
+    restored = checkpoints.restore_latest_params(str(workdir))[1]
+    return logged_losses(workdir), {key: restored[key] for key in ("params", "ema_params")}
 
 
 def _norm(leaves):
@@ -115,16 +117,18 @@ def assert_same_training(reference, other):
     of order one. (Gradients summed where they should be averaged are not one: Adam divides out a
     gradient's scale. tests/test_train.py checks the average itself, under plain SGD.) Measured on 10
     steps: 8 devices end 3 % of the update away from one device, 2 processes 5e-7; losses
-    agree to 2e-5. Bounds: 10 % of the update, 1e-3 of the loss.
+    agree to 2e-5. Bounds: 10 % of the update, 1e-3 of the loss; the EMA weights (what sample,
+    export and evaluate use) are held to their own update alike.
     """
-    (losses_ref, params_ref), (losses, params) = reference, other
+    (losses_ref, weights_ref), (losses, weights) = reference, other
     assert len(losses) == len(losses_ref) == 2  # two log windows of 5 steps
     np.testing.assert_allclose(losses, losses_ref, rtol=1e-3)
-    initial = init_variables(run_keys(0)[0])["params"]
-    leaves_ref, leaves = jax.tree.leaves(params_ref), jax.tree.leaves(params)
-    update = _norm([a - b for a, b in zip(leaves_ref, jax.tree.leaves(initial))])
-    diff = _norm([a - b for a, b in zip(leaves_ref, leaves)])
-    assert diff <= 0.1 * update, (diff, update)
+    initial = jax.tree.leaves(init_variables(run_keys(0)[0])["params"])
+    for key in ("params", "ema_params"):
+        leaves_ref, leaves = jax.tree.leaves(weights_ref[key]), jax.tree.leaves(weights[key])
+        update = _norm([a - b for a, b in zip(leaves_ref, initial)])
+        diff = _norm([a - b for a, b in zip(leaves_ref, leaves)])
+        assert diff <= 0.1 * update, (key, diff, update)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +198,7 @@ def test_two_processes_train_like_one(one_device, two_processes):
     losses = logged_losses(two_processes["workdir"])[:2]  # the windows ending at steps 5 and 10
     params = checkpoints.restore_latest_params(str(two_processes["step_10"]))[1]
     assert params["step"] == 10
-    assert_same_training(one_device, (losses, params["params"]))
+    assert_same_training(one_device, (losses, {key: params[key] for key in ("params", "ema_params")}))
 
 
 def test_only_process_0_logs_and_writes_samples(two_processes):
