@@ -87,13 +87,19 @@ def test_a_training_layer_is_timed_with_its_forward_and_both_gradients(lowering)
         assert (cost[0] if isinstance(cost, list) else cost)["flops"] >= 2.5 * forward_flops
 
 
-def test_a_real_measurement_times_every_candidate_and_caches_the_fastest(cache_dir):
-    plan = autotune.autotune(1, "sample", log=lambda *_: None)
+# Sampling takes the fastest lowering per layer; training (what a fresh `make train` measures first)
+# times each candidate's forward and gradients, and gives up `xla` within XLA_MARGIN of the sum.
+@pytest.mark.parametrize("mode", ["sample", "train"])
+def test_a_real_measurement_times_every_candidate_and_caches_its_choice(cache_dir, mode):
+    plan = autotune.autotune(1, mode, log=lambda *_: None)
     (entry,) = json.loads((cache_dir / "conv_autotune.json").read_text())["entries"].values()
     assert set(entry["ms"]) == set(conv_layers())
     for key, row in entry["ms"].items():
-        assert set(row) == set(autotune.CANDIDATES["sample"]) and all(ms > 0 for ms in row.values())
-        assert plan.lowering(key) == min(row, key=row.get)
+        assert set(row) == set(autotune.CANDIDATES[mode]) and all(ms > 0 for ms in row.values())
+        if mode == "sample":
+            assert plan.lowering(key) == min(row, key=row.get)
+    counts = {key: len(paths) for key, paths in conv_layers().items()}
+    assert {key: plan.lowering(key) for key in counts} == autotune.choose(entry["ms"], mode, counts)
     assert ConvPlan.from_json(entry["plan"]) == plan
 
 
