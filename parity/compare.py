@@ -112,14 +112,12 @@ def _record_inputs(model) -> tuple[dict, list]:
     return inputs, hooks
 
 
-def _window_winners(a_BxHxWxC):
-    """Each 2x2 window's winner (the first of equal maxima, as both sides take it), whether its
-    maximum is positive (a window of zeros sends no gradient back past its ReLU, whoever wins),
-    and its entries in ascending order."""
+def _windows(a_BxHxWxC):
+    """Each 2x2 window's four entries in row-major order (torch's floor: a 7x7 map's last row and
+    column belong to none)."""
     b, h, w, c = a_BxHxWxC.shape
     windows = a_BxHxWxC[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
-    windows = windows.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, c, 4)
-    return windows.argmax(-1), windows.max(-1) > 0, np.sort(windows, -1)
+    return windows.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, c, 4)
 
 
 def decisions_that_differ(torch_inputs: dict, flax_group_norms: dict) -> dict[str, str]:
@@ -137,11 +135,13 @@ def decisions_that_differ(torch_inputs: dict, flax_group_norms: dict) -> dict[st
                 differ[name] = (f"ReLU {name} takes {int(flipped.sum())} input(s) on the other side of 0 "
                                 f"(torch's closest: {np.abs(z[flipped]).min():.1e})")
         else:  # a pool, whose input on the Flax side is that GroupNorm's output after the ReLU
-            theirs, positive, ranked = _window_winners(z)
-            ours, _, _ = _window_winners(np.maximum(flax_group_norms[POOL_AFTER[name]], 0))
-            other = (theirs != ours) & positive
+            theirs, ours = _windows(z), _windows(np.maximum(flax_group_norms[POOL_AFTER[name]], 0))
+            # The first of equal maxima wins on both sides; a window of zeros sends no gradient
+            # back past its ReLU, whoever wins.
+            other = (theirs.argmax(-1) != ours.argmax(-1)) & (theirs.max(-1) > 0)
             if other.any():
-                gap = (ranked[..., -1] - ranked[..., -2])[other].min()
+                ranked = np.sort(theirs[other], -1)
+                gap = (ranked[:, -1] - ranked[:, -2]).min()
                 differ[name] = (f"max-pool {name} picks another winner in {int(other.sum())} window(s) "
                                 f"(torch's closest two: {gap:.1e} apart)")
     return differ

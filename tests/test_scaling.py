@@ -1,6 +1,7 @@
 """Scale-out: 8 simulated devices and two processes train like one device; a lost process stops the run.
 
-Each run is a subprocess, because the device count and jax.distributed are fixed when JAX starts.
+The multi-device and multi-process runs are subprocesses, because the device count and
+jax.distributed are fixed when JAX starts; the one-device runs train in this process.
 The multi-process commands are those of "Scaling out" in benchmarks/README.md, with 127.0.0.1 as the host.
 """
 
@@ -96,10 +97,14 @@ def logged_losses(workdir):
     return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
+def weights(restored: dict) -> dict:
+    """A restored checkpoint's raw and EMA weights."""
+    return {key: restored[key] for key in ("params", "ema_params")}
+
+
 def losses_and_params(workdir):
     """The logged losses and the last checkpoint's raw and EMA weights."""
-    restored = checkpoints.restore_latest_params(str(workdir))[1]
-    return logged_losses(workdir), {key: restored[key] for key in ("params", "ema_params")}
+    return logged_losses(workdir), weights(checkpoints.restore_latest_params(str(workdir))[1])
 
 
 def _norm(leaves):
@@ -120,12 +125,12 @@ def assert_same_training(reference, other):
     agree to 2e-5. Bounds: 10 % of the update, 1e-3 of the loss; the EMA weights (what sample,
     export and evaluate use) are held to their own update alike.
     """
-    (losses_ref, weights_ref), (losses, weights) = reference, other
+    (losses_ref, trained_ref), (losses, trained) = reference, other
     assert len(losses) == len(losses_ref) == 2  # two log windows of 5 steps
     np.testing.assert_allclose(losses, losses_ref, rtol=1e-3)
     initial = jax.tree.leaves(init_variables(run_keys(0)[0])["params"])
     for key in ("params", "ema_params"):
-        leaves_ref, leaves = jax.tree.leaves(weights_ref[key]), jax.tree.leaves(weights[key])
+        leaves_ref, leaves = jax.tree.leaves(trained_ref[key]), jax.tree.leaves(trained[key])
         update = _norm([a - b for a, b in zip(leaves_ref, initial)])
         diff = _norm([a - b for a, b in zip(leaves_ref, leaves)])
         assert diff <= 0.1 * update, (key, diff, update)
@@ -198,7 +203,7 @@ def test_two_processes_train_like_one(one_device, two_processes):
     losses = logged_losses(two_processes["workdir"])[:2]  # the windows ending at steps 5 and 10
     params = checkpoints.restore_latest_params(str(two_processes["step_10"]))[1]
     assert params["step"] == 10
-    assert_same_training(one_device, (losses, {key: params[key] for key in ("params", "ema_params")}))
+    assert_same_training(one_device, (losses, weights(params)))
 
 
 def test_only_process_0_logs_and_writes_samples(two_processes):
