@@ -35,6 +35,11 @@ pytestmark = pytest.mark.slow
 TINY = ["--batch-size", "8", "--n-T", "20", "--sample-steps", "3", "--num-samples", "4", "--log-every", "5",
         "--sample-every", "0", "--warmup-steps", "2", "--steps", "10", "--ckpt-every", "0", "--conv", "tapgrad"]
 TIMEOUT_S = 300
+# A process silent this long counts as dead, and JAX aborts every process of the run. Shorter
+# than the trainer's default, so that a hung process would be found sooner, yet long enough that
+# a healthy run on a shared, loaded machine (a VM descheduled whole for some seconds) is not
+# taken for dead: at 10 s, JAX aborted both processes of a healthy run in a full `make test`.
+HEARTBEAT_TIMEOUT_S = 30
 
 
 def free_port() -> int:
@@ -55,7 +60,7 @@ def launch(workdir, flags, *, processes: int = 1, device_count: int = 1, port: i
                                  stderr=subprocess.PIPE, text=True)]
     port = port or free_port()
     return [subprocess.Popen([*command, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
-                              "--process-id", str(i), "--heartbeat-timeout", "10"],
+                              "--process-id", str(i), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S)],
                              env=env_with(device_count), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(processes)]
 
@@ -76,10 +81,19 @@ def finish(procs, timeout=TIMEOUT_S):
     return results
 
 
+def describe(results) -> str:
+    """Each process's exit code, its error and fatal log lines, and the end of what it printed:
+    one line each, so that a failure reads the same however a report folds long lines."""
+    lines = []
+    for i, (rc, out, err) in enumerate(results):
+        logged = [line for line in err.splitlines() if line[:1] in "EF" and line[1:5].isdigit()]
+        lines += [f"process {i} exited {rc}", *logged[:10], *err.splitlines()[-15:], *out.splitlines()[-5:]]
+    return "\n".join(line[:500] for line in lines)
+
+
 def run_ok(workdir, flags=TINY, **kwargs):
     results = finish(launch(workdir, flags, **kwargs))
-    for rc, out, err in results:
-        assert rc == 0, f"rc {rc}\n{out[-2000:]}\n{err[-3000:]}"
+    assert all(rc == 0 for rc, _, _ in results), describe(results)
     return results
 
 
@@ -164,7 +178,8 @@ def _kill_after_a_checkpoint(workdir, flags, killed: int, past: int):
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while max(checkpoints.committed_steps(str(workdir)), default=0) <= past:
-            assert all(p.poll() is None for p in procs), finish(procs, timeout=5)
+            if not all(p.poll() is None for p in procs):
+                pytest.fail(f"the run ended before a checkpoint past step {past}:\n{describe(finish(procs, 5))}")
             assert time.monotonic() < deadline, f"no checkpoint past step {past} was written"
             time.sleep(0.1)
         procs[killed].kill()
