@@ -81,3 +81,15 @@ def test_distributed_outside_a_cluster_says_so_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: --distributed found no SLURM, Open MPI or TPU VM environment that names the run's processes")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, heartbeat_s, init_s", [([], 100, 120), (["--heartbeat-timeout", "7", "--init-timeout", "9"], 7, 9)])
+def test_the_timeout_flags_reach_jax_distributed(monkeypatch, flags, heartbeat_s, init_s):
+    # By default JAX's own heartbeat timeout: a healthy process can go unheard for over 30 s on a busy machine.
+    _, cluster, _ = parse_config(build_parser(), ["--distributed", *flags])
+    called = {}
+    monkeypatch.setattr(devices.jax.config, "update", lambda *args: None)  # no gloo switch in this process
+    monkeypatch.setattr(devices.jax.distributed, "initialize", lambda **kwargs: called.update(kwargs))
+    devices.start_processes(cluster)
+    assert called == {"heartbeat_timeout_seconds": heartbeat_s, "initialization_timeout": init_s,
+                      "shutdown_timeout_seconds": 60}

@@ -34,7 +34,9 @@ class Cluster:
     num_processes: int | None = None
     process_id: int | None = None
     detect: bool = False  # let jax.distributed.initialize() read SLURM, Open MPI or the TPU VM
-    heartbeat_timeout_s: int = 60  # a process silent this long counts as dead, and the run stops
+    # A process silent this long counts as dead, and JAX aborts the run. JAX's own default: on a busy
+    # 2-core VM, healthy processes went unheard for over 30 s (benchmarks/README.md, Scaling out).
+    heartbeat_timeout_s: int = 100
     init_timeout_s: int = 120  # how long the processes wait for each other to start
 
     @property
