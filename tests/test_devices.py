@@ -83,7 +83,8 @@ def test_distributed_outside_a_cluster_says_so_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flags, heartbeat_s, init_s", [([], 100, 120), (["--heartbeat-timeout", "7", "--init-timeout", "9"], 7, 9)])
+@pytest.mark.parametrize("flags, heartbeat_s, init_s",
+                         [([], 100, 120), (["--heartbeat-timeout", "7", "--init-timeout", "9"], 7, 9)])
 def test_the_timeout_flags_reach_jax_distributed(monkeypatch, flags, heartbeat_s, init_s):
     # By default JAX's own heartbeat timeout: a healthy process can go unheard for over 30 s on a busy machine.
     _, cluster, _ = parse_config(build_parser(), ["--distributed", *flags])

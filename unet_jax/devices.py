@@ -35,7 +35,7 @@ class Cluster:
     process_id: int | None = None
     detect: bool = False  # let jax.distributed.initialize() read SLURM, Open MPI or the TPU VM
     # A process silent this long counts as dead, and JAX aborts the run. JAX's own default: on a busy
-    # 2-core VM, healthy processes went unheard for over 30 s (benchmarks/README.md, Scaling out).
+    # machine a healthy process can go unheard for over 30 s (benchmarks/README.md, Scaling out).
     heartbeat_timeout_s: int = 100
     init_timeout_s: int = 120  # how long the processes wait for each other to start
 
