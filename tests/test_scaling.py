@@ -9,11 +9,13 @@ import contextlib
 import io
 import json
 import os
+import pathlib
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -54,32 +56,50 @@ def env_with(device_count: int) -> dict:
 
 
 def launch(workdir, flags, *, processes: int = 1, device_count: int = 1, port: int | None = None):
-    """Start one run: ``processes`` copies of the trainer, joined through a coordinator on 127.0.0.1."""
+    """Start one run: ``processes`` copies of the trainer, joined through a coordinator on 127.0.0.1.
+
+    Each process prints into files of a folder beside the workdir, kept for a failure's post-mortem,
+    rather than into a pipe: a pipe that nothing reads while a test waits for a checkpoint would
+    block a process that printed more than it holds, and with it the run."""
+    workdir = pathlib.Path(workdir)
+    logs = pathlib.Path(tempfile.mkdtemp(prefix=f"{workdir.name}-logs-", dir=workdir.parent))
     command = [sys.executable, "-m", "unet_jax.train", "--workdir", str(workdir), *flags]
-    if processes == 1:
-        return [subprocess.Popen(command, env=env_with(device_count), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)]
-    port = port or free_port()
-    return [subprocess.Popen([*command, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
-                              "--process-id", str(i), "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S)],
-                             env=env_with(device_count), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(processes)]
+    if processes > 1:
+        port = port or free_port()
+        command += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                    "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_S)]
+    procs = []
+    for i in range(processes):
+        ids = ["--process-id", str(i)] if processes > 1 else []
+        with open(logs / f"process{i}.out", "w") as out, open(logs / f"process{i}.err", "w") as err:
+            procs.append(subprocess.Popen([*command, *ids], env=env_with(device_count), stdout=out, stderr=err))
+        procs[-1].logs = logs / f"process{i}"
+    return procs
+
+
+def outputs(procs) -> list[tuple[int | None, str, str]]:
+    """[(exit code, stdout, stderr)] of each process, as printed so far."""
+    return [(p.returncode, p.logs.with_suffix(".out").read_text(errors="replace"),
+             p.logs.with_suffix(".err").read_text(errors="replace")) for p in procs]
+
+
+def stop(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def finish(procs, timeout=TIMEOUT_S):
-    """Wait for every process; kill them all if any outlives the timeout. Returns [(rc, stdout, stderr)]."""
+    """Wait for every process and return their outputs; if any outlives the timeout, kill them all and fail."""
     deadline = time.monotonic() + timeout
-    results = []
     try:
         for p in procs:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            results.append((p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return results
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        stop(procs)
+        pytest.fail(f"still running after {timeout} s, so killed:\n{describe(outputs(procs))}")
+    return outputs(procs)
 
 
 def describe(results) -> str:
@@ -187,7 +207,7 @@ def _kill_after_a_checkpoint(workdir, flags, killed: int, past: int):
         (rc, out, err), = finish([procs[1 - killed]], timeout=90)
         return rc, out, err
     finally:
-        finish(procs, timeout=1)
+        stop(procs)
 
 
 @pytest.fixture(scope="module")
