@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 from benchmarks.machine import describe, machine, machine_name
 from benchmarks.results_folder import RESULTS, writable_folder, write_results
@@ -45,16 +46,27 @@ def train_throughput(processes: int, device_count: int, flags: list[str], timeou
                          "--process-id", str(i)] for i in range(processes)]
         else:
             commands = [command]
-        procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for c in commands]
+        # Into files, not pipes: a pipe left unread while another process is waited for would
+        # block a process that printed more than it holds, and with it the whole run.
+        logs = [tempfile.TemporaryFile(mode="w+") for _ in commands]
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+                 for c, log in zip(commands, logs)]
         what = f"the trainer in {processes} process(es) x {device_count} device(s)"
+        deadline = time.monotonic() + timeout_s
         try:
-            errors = [p.communicate(timeout=timeout_s)[1] for p in procs]
+            for p in procs:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             raise ScalingRunError(f"{what} did not finish within --timeout {timeout_s} s") from None
         finally:
             for p in procs:
                 p.kill()
+                p.wait()
+        errors = []
+        for log in logs:
+            log.seek(0)
+            errors.append(log.read())
+            log.close()
         failed = [(p.returncode, e) for p, e in zip(procs, errors) if p.returncode != 0]
         if failed:  # the trainer's own one-line error where it gave one, else what it printed last (a bug's traceback)
             rc, stderr = failed[0]
