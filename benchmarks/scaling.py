@@ -9,6 +9,7 @@ Writes benchmarks/results/scaling-<machine>.json and .md.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -48,25 +49,28 @@ def train_throughput(processes: int, device_count: int, flags: list[str], timeou
             commands = [command]
         # Into files, not pipes: a pipe left unread while another process is waited for would
         # block a process that printed more than it holds, and with it the whole run.
-        logs = [tempfile.TemporaryFile(mode="w+") for _ in commands]
-        procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
-                 for c, log in zip(commands, logs)]
-        what = f"the trainer in {processes} process(es) x {device_count} device(s)"
-        deadline = time.monotonic() + timeout_s
-        try:
-            for p in procs:
-                p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            raise ScalingRunError(f"{what} did not finish within --timeout {timeout_s} s") from None
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
-        errors = []
-        for log in logs:
-            log.seek(0)
-            errors.append(log.read())
-            log.close()
+        with contextlib.ExitStack() as files:
+            logs = [files.enter_context(tempfile.TemporaryFile(mode="w+")) for _ in commands]
+            procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=log)
+                     for c, log in zip(commands, logs)]
+            what = f"the trainer in {processes} process(es) x {device_count} device(s)"
+            deadline = time.monotonic() + timeout_s
+            try:
+                for p in procs:
+                    p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                for p in procs:
+                    p.kill()
+                    p.wait()
+            errors = []
+            for log in logs:
+                log.seek(0)
+                errors.append(log.read())
+        if timed_out:
+            raise ScalingRunError(f"{what} did not finish within --timeout {timeout_s} s")
         failed = [(p.returncode, e) for p, e in zip(procs, errors) if p.returncode != 0]
         if failed:  # the trainer's own one-line error where it gave one, else what it printed last (a bug's traceback)
             rc, stderr = failed[0]

@@ -1,9 +1,11 @@
 """Per-core host devices and meshes: user flags respected, batches split evenly (see test_scaling)."""
 
+import inspect
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from unet_jax import devices
@@ -83,8 +85,14 @@ def test_distributed_outside_a_cluster_says_so_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flags, heartbeat_s, init_s",
-                         [([], 100, 120), (["--heartbeat-timeout", "7", "--init-timeout", "9"], 7, 9)])
+JAX_HEARTBEAT_DEFAULT_S = inspect.signature(jax.distributed.initialize).parameters[
+    "heartbeat_timeout_seconds"].default
+
+
+@pytest.mark.parametrize("flags, heartbeat_s, init_s", [
+    ([], JAX_HEARTBEAT_DEFAULT_S, 120),
+    (["--heartbeat-timeout", "7", "--init-timeout", "9"], 7, 9),
+])
 def test_the_timeout_flags_reach_jax_distributed(monkeypatch, flags, heartbeat_s, init_s):
     # By default JAX's own heartbeat timeout: a healthy process can go unheard for over 30 s on a busy machine.
     _, cluster, _ = parse_config(build_parser(), ["--distributed", *flags])

@@ -42,7 +42,7 @@ TIMEOUT_S = 300
 # decides how long a stall may last before a healthy run is taken for dead, and a full `make test`
 # on a busy shared machine has left healthy processes unheard for over 30 s (benchmarks/README.md,
 # Scaling out).
-HEARTBEAT_TIMEOUT_S = TIMEOUT_S
+HEARTBEAT_TIMEOUT_S = 300
 
 
 def free_port() -> int:
@@ -52,7 +52,8 @@ def free_port() -> int:
 
 
 def env_with(device_count: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
+    # Unbuffered: a process killed by a signal has still written everything it printed.
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}", PYTHONUNBUFFERED="1")
 
 
 def launch(workdir, flags, *, processes: int = 1, device_count: int = 1, port: int | None = None):
@@ -99,12 +100,14 @@ def finish(procs, timeout=TIMEOUT_S):
     except subprocess.TimeoutExpired:
         stop(procs)
         pytest.fail(f"still running after {timeout} s, so killed:\n{describe(outputs(procs))}")
+    finally:
+        stop(procs)  # on any other error too: no trainer outlives its test
     return outputs(procs)
 
 
 def describe(results) -> str:
-    """Each process's exit code, its error and fatal log lines, and the end of what it printed:
-    one line each, so that a failure reads the same however a report folds long lines."""
+    """Each process's exit code, its first error and fatal log lines (JAX's E and F lines), then the
+    last lines of its stderr and stdout, each cut at 2000 characters: the cause, then the ending."""
     lines = []
     for i, (rc, out, err) in enumerate(results):
         logged = [line for line in err.splitlines() if line[:1] in "EF" and line[1:5].isdigit()]
@@ -200,10 +203,15 @@ def _kill_after_a_checkpoint(workdir, flags, killed: int, past: int):
         deadline = time.monotonic() + TIMEOUT_S
         while max(checkpoints.committed_steps(str(workdir)), default=0) <= past:
             if not all(p.poll() is None for p in procs):
-                pytest.fail(f"the run ended before a checkpoint past step {past}:\n{describe(finish(procs, 5))}")
+                for p in procs:  # a peer may stop on its own and say why, or wait in a collective for good
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        p.wait(timeout=5)
+                stop(procs)
+                pytest.fail(f"the run ended before a checkpoint past step {past}:\n{describe(outputs(procs))}")
             assert time.monotonic() < deadline, f"no checkpoint past step {past} was written"
             time.sleep(0.1)
         procs[killed].kill()
+        # The survivor learns of it from gloo's reset connection, well before a heartbeat timeout.
         (rc, out, err), = finish([procs[1 - killed]], timeout=90)
         return rc, out, err
     finally:
