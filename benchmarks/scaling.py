@@ -58,9 +58,8 @@ def train_throughput(processes: int, device_count: int, flags: list[str], timeou
             try:
                 for p in procs:
                     p.wait(timeout=max(1.0, deadline - time.monotonic()))
-                timed_out = False
             except subprocess.TimeoutExpired:
-                timed_out = True
+                raise ScalingRunError(f"{what} did not finish within --timeout {timeout_s} s") from None
             finally:
                 for p in procs:
                     p.kill()
@@ -69,8 +68,6 @@ def train_throughput(processes: int, device_count: int, flags: list[str], timeou
             for log in logs:
                 log.seek(0)
                 errors.append(log.read())
-        if timed_out:
-            raise ScalingRunError(f"{what} did not finish within --timeout {timeout_s} s")
         failed = [(p.returncode, e) for p, e in zip(procs, errors) if p.returncode != 0]
         if failed:  # the trainer's own one-line error where it gave one, else what it printed last (a bug's traceback)
             rc, stderr = failed[0]
