@@ -19,6 +19,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
+# torch's OpenMP threads spin after each parallel region by default, waiting for the next one. In
+# the suite two workers share the cores, and that spinning takes cycles from the other worker and
+# from XLA's threads in the same process; sleeping instead changes no number, only who runs. Set
+# before torch is imported (its OpenMP reads it when loaded); subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 SEED_TUTORIAL = pathlib.Path(os.environ.get(
     "UNET_JAX_TUTORIAL",
     pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "seeds" / "000_ea2f922525bcfbec.txt"))
